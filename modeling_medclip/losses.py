@@ -1,0 +1,159 @@
+"""Contrastive losses of ConVIRT and MedCLIP, as pure functions of logits (and label vectors).
+
+Every loss takes the similarity logits of a batch of `B_img` images against `B_txt` texts, already multiplied by the
+logit scale. With several processes, build those logits from embeddings gathered by [`gather_with_grad`] so each
+process sees the negatives of the whole global batch; in a single process it is the identity and needs no process
+group.
+
+Row `i` of `logits_per_image` is image `i` against every text; `logits_per_text` is its transpose. For the paired
+losses (InfoNCE, ConVIRT, sigmoid) image `i` and text `i` are the positive pair, so `B_img == B_txt`.
+"""
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenates `tensor` (shape `(B_local, ...)`) from all processes along dim 0, keeping the autograd graph.
+
+    The backward pass sends each process the gradient of its own slice, summed over processes (every process computes
+    the same global loss; with DDP's gradient averaging the update equals the single-process update on the
+    concatenated batch). Returns `tensor` unchanged when no process group is initialised or there is one process.
+    Processes may hold different `B_local` (the last batch of an epoch): sizes are exchanged first.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+
+    world_size = dist.get_world_size()
+    local_size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.zeros_like(local_size) for _ in range(world_size)]
+    dist.all_gather(sizes, local_size)
+    sizes = [int(size.item()) for size in sizes]
+    max_size = max(sizes)
+    if tensor.shape[0] < max_size:
+        padding = tensor.new_zeros((max_size - tensor.shape[0], *tensor.shape[1:]))
+        tensor = torch.cat([tensor, padding])
+    gathered = all_gather(tensor)
+    return torch.cat([chunk[:size] for chunk, size in zip(gathered, sizes)])
+
+
+def _check_paired(logits_per_image: torch.Tensor, name: str) -> None:
+    if logits_per_image.dim() != 2 or logits_per_image.shape[0] != logits_per_image.shape[1]:
+        raise ValueError(
+            f"{name} needs paired batches (one text per image), got logits of shape {tuple(logits_per_image.shape)}"
+        )
+
+
+def clip_loss(logits_per_image: torch.Tensor, logits_per_text: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE of CLIP: the mean of the image->text and text->image cross-entropies.
+
+    Args:
+        logits_per_image: `(B, B)` scaled similarities, image `i` paired with text `i`.
+        logits_per_text: `(B, B)`, the transpose of `logits_per_image`.
+
+    Returns:
+        A scalar tensor.
+    """
+    _check_paired(logits_per_image, "clip_loss")
+    targets = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
+    return (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets)) / 2
+
+
+def convirt_loss(
+    logits_per_image: torch.Tensor, logits_per_text: torch.Tensor, convirt_lambda: float = 0.75
+) -> torch.Tensor:
+    """ConVIRT's bidirectional InfoNCE: `lambda * l(image->text) + (1 - lambda) * l(text->image)`.
+
+    Args:
+        logits_per_image: `(B, B)` scaled similarities (ConVIRT: cosine / tau with tau = 0.1).
+        logits_per_text: `(B, B)`, the transpose of `logits_per_image`.
+        convirt_lambda: weight of the image->text term (0.75 in the paper).
+
+    Returns:
+        A scalar tensor.
+    """
+    _check_paired(logits_per_image, "convirt_loss")
+    targets = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
+    image_to_text = F.cross_entropy(logits_per_image, targets)
+    text_to_image = F.cross_entropy(logits_per_text, targets)
+    return convirt_lambda * image_to_text + (1 - convirt_lambda) * text_to_image
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against soft targets, averaged over rows.
+
+    Args:
+        logits: `(N, M)` unnormalised scores.
+        targets: `(N, M)` rows that sum to one.
+    """
+    return -(targets * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+
+
+def semantic_matching_loss(
+    logits_per_image: torch.Tensor,
+    logits_per_text: torch.Tensor,
+    image_labels: torch.Tensor,
+    text_labels: torch.Tensor,
+    label_similarity_scale: float = 1.0,
+) -> torch.Tensor:
+    """MedCLIP's semantic matching loss on decoupled image and text batches.
+
+    The soft targets are the row-softmax of the label similarity `s * image_labels @ text_labels.T`, so an image and a
+    report with the same findings count as a match even when they come from different patients; the loss is the
+    soft cross-entropy in both directions, averaged.
+
+    Args:
+        logits_per_image: `(B_img, B_txt)` scaled similarities.
+        logits_per_text: `(B_txt, B_img)`, the transpose of `logits_per_image`.
+        image_labels: `(B_img, C)` label vectors of the images (e.g. the 14 CheXpert findings).
+        text_labels: `(B_txt, C)` label vectors of the texts, from the report labeler.
+        label_similarity_scale: `s` above (1.0 in MedCLIP).
+
+    Returns:
+        A scalar tensor.
+    """
+    if image_labels is None or text_labels is None:
+        raise ValueError("semantic_matching_loss needs both `image_labels` and `text_labels`")
+    expected = (logits_per_image.shape[0], logits_per_image.shape[1])
+    if image_labels.dim() != 2 or text_labels.dim() != 2 or (image_labels.shape[0], text_labels.shape[0]) != expected:
+        raise ValueError(
+            f"label vectors of shapes {tuple(image_labels.shape)} (images) and {tuple(text_labels.shape)} (texts) do "
+            f"not match logits of shape {tuple(logits_per_image.shape)}; expected (B_img, C) and (B_txt, C)"
+        )
+    if image_labels.shape[1] != text_labels.shape[1]:
+        raise ValueError(
+            f"image and text label vectors have different numbers of classes: {image_labels.shape[1]} vs "
+            f"{text_labels.shape[1]}"
+        )
+    label_similarity = label_similarity_scale * (image_labels.float() @ text_labels.float().T)
+    image_targets = label_similarity.softmax(dim=1).to(logits_per_image.dtype)
+    text_targets = label_similarity.T.softmax(dim=1).to(logits_per_text.dtype)
+    return (soft_cross_entropy(logits_per_image, image_targets) + soft_cross_entropy(logits_per_text, text_targets)) / 2
+
+
+def sigmoid_loss(logits_per_image: torch.Tensor, logit_bias: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss: every (image, text) pair is a binary match / no-match problem.
+
+    Args:
+        logits_per_image: `(B, B)` scaled similarities, image `i` paired with text `i`.
+        logit_bias: the learnable bias `b` added to every logit.
+
+    Returns:
+        A scalar tensor: the summed pair losses divided by the number of images.
+    """
+    _check_paired(logits_per_image, "sigmoid_loss")
+    logits = logits_per_image + logit_bias
+    signs = 2 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1
+    return -F.logsigmoid(signs * logits).sum() / logits.shape[0]
+
+
+__all__ = [
+    "clip_loss",
+    "convirt_loss",
+    "gather_with_grad",
+    "semantic_matching_loss",
+    "sigmoid_loss",
+    "soft_cross_entropy",
+]
