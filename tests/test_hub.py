@@ -1,0 +1,279 @@
+"""Hub round trips against the local Hub-compatible server (tests/hub_server.py) with the real, unmodified clients."""
+
+import hashlib
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hub_server import hub_server_fixture  # noqa: F401  (registers the `hub_server` fixture)
+from huggingface_hub import HfApi, HfFileSystem, hf_hub_download, snapshot_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from safetensors.torch import load_file, save_file
+
+from modeling_medclip.hub import BackgroundUploader, HubUploadError, RetryPolicy, hub_endpoint, push_final
+
+FAST_RETRY = RetryPolicy(max_attempts=4, initial_delay=0.05, max_delay=0.2)
+
+
+def make_checkpoint(folder: Path, seed: int) -> Path:
+    """A checkpoint-like folder: a tiny safetensors file (LFS), a JSON file and a nested text file (regular)."""
+    generator = torch.Generator().manual_seed(seed)
+    (folder / "nested").mkdir(parents=True)
+    save_file({"weight": torch.randn(4, 8, generator=generator), "bias": torch.zeros(8)}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"seed": seed, "hidden_size": 8}))
+    (folder / "nested" / "notes.txt").write_text(f"checkpoint with seed {seed}\n")
+    return folder
+
+
+def folder_digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_upload_folder_download_and_snapshot(hub_server, tmp_path):
+    api = HfApi()
+    folder = make_checkpoint(tmp_path / "ckpt", seed=0)
+    repo_url = api.create_repo("tiny-model")  # no namespace: the server's user, as on the Hub
+    assert repo_url.repo_id == f"{hub_server.user}/tiny-model"
+    assert repo_url.startswith(hub_server.endpoint)
+
+    commit = api.upload_folder(repo_id="user/tiny-model", folder_path=folder, commit_message="Add checkpoint")
+    assert hub_server.count("lfs-upload", "PUT") == 1  # only the safetensors file took the LFS path
+
+    assert sorted(api.list_repo_files("user/tiny-model")) == [
+        ".gitattributes",
+        "config.json",
+        "model.safetensors",
+        "nested/notes.txt",
+    ]
+    for name, digest in folder_digest(folder).items():
+        path = hf_hub_download("user/tiny-model", name)
+        assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == digest
+        assert commit.oid in path  # cached under the snapshot of the commit just made
+    snapshot = Path(snapshot_download("user/tiny-model", revision=commit.oid))
+    downloaded = folder_digest(snapshot)
+    assert "filter=lfs" in (snapshot / ".gitattributes").read_text()  # the repo's initial commit
+    del downloaded[".gitattributes"]
+    assert downloaded == folder_digest(folder)
+    assert torch.equal(
+        load_file(snapshot / "model.safetensors")["weight"], load_file(folder / "model.safetensors")["weight"]
+    )
+
+    siblings = {s.rfilename: s for s in api.model_info("user/tiny-model", files_metadata=True).siblings}
+    assert siblings["model.safetensors"].lfs.sha256 == folder_digest(folder)["model.safetensors"]
+    assert siblings["config.json"].lfs is None
+    assert siblings["model.safetensors"].size == (folder / "model.safetensors").stat().st_size
+
+    # Uploading the same folder again is a no-op: the server reports the remote oids and the client skips the commit.
+    again = api.upload_folder(repo_id="user/tiny-model", folder_path=folder, commit_message="Same again")
+    assert again.oid == commit.oid
+
+
+def test_range_reads_through_hf_file_system(hub_server, tmp_path):
+    api = HfApi()
+    api.create_repo("user/ranges")
+    data = bytes(range(256)) * 40
+    api.upload_file(path_or_fileobj=data, path_in_repo="blob.bin", repo_id="user/ranges")
+    fs = HfFileSystem()
+    assert fs.cat_file("user/ranges/blob.bin", start=1000, end=1100) == data[1000:1100]
+    with fs.open("user/ranges/blob.bin", "rb", block_size=512) as f:
+        f.seek(9000)
+        assert f.read(300) == data[9000:9300]
+    assert fs.info("user/ranges/blob.bin")["size"] == len(data)
+
+
+def test_branches_tags_commits_and_pagination(hub_server, tmp_path):
+    api = HfApi()
+    api.create_repo("user/branches")
+    api.upload_file(path_or_fileobj=b"main v1", path_in_repo="a.txt", repo_id="user/branches", commit_message="v1")
+    api.create_branch("user/branches", branch="checkpoints")
+    api.create_branch("user/branches", branch="checkpoints", exist_ok=True)
+    with pytest.raises(HfHubHTTPError) as error:
+        api.create_branch("user/branches", branch="checkpoints")
+    assert error.value.response.status_code == 409
+    api.upload_file(
+        path_or_fileobj=b"on branch", path_in_repo="ckpt/b.txt", repo_id="user/branches", revision="checkpoints"
+    )
+    api.create_tag("user/branches", tag="v1", revision="main")
+
+    assert Path(hf_hub_download("user/branches", "ckpt/b.txt", revision="checkpoints")).read_bytes() == b"on branch"
+    with pytest.raises(EntryNotFoundError):
+        hf_hub_download("user/branches", "ckpt/b.txt")  # not on main
+    assert Path(hf_hub_download("user/branches", "a.txt", revision="v1")).read_bytes() == b"main v1"
+
+    refs = api.list_repo_refs("user/branches")
+    branches = {ref.name: ref.target_commit for ref in refs.branches}
+    assert set(branches) == {"main", "checkpoints"}
+    assert [ref.name for ref in refs.tags] == ["v1"] and refs.tags[0].target_commit == branches["main"]
+
+    hub_server.page_size = 2  # force several pages: the client follows the Link headers
+    commits = api.list_repo_commits("user/branches", revision="checkpoints")
+    assert [c.title for c in commits] == ["Upload ckpt/b.txt with huggingface_hub", "v1", "initial commit"]
+    assert commits[0].commit_id == branches["checkpoints"]
+    files = api.list_repo_files("user/branches", revision="checkpoints")
+    assert sorted(files) == [".gitattributes", "a.txt", "ckpt/b.txt"]
+    assert hub_server.count("tree") >= 2
+    folders = [e.path for e in api.list_repo_tree("user/branches", revision="checkpoints") if not hasattr(e, "size")]
+    assert folders == ["ckpt"]
+
+
+def test_not_found_errors_and_auth(hub_server, tmp_path):
+    api = HfApi()
+    api.create_repo("user/errors")
+    with pytest.raises(EntryNotFoundError):
+        hf_hub_download("user/errors", "missing.json")
+    with pytest.raises(RevisionNotFoundError):
+        hf_hub_download("user/errors", ".gitattributes", revision="no-such-branch")
+    with pytest.raises(RepositoryNotFoundError):
+        hf_hub_download("user/no-such-repo", "config.json")
+    with pytest.raises(RepositoryNotFoundError):
+        api.list_repo_files("user/no-such-repo", repo_type="dataset")
+    with pytest.raises(HfHubHTTPError) as error:
+        api.create_repo("user/errors")
+    assert error.value.response.status_code == 409
+    assert api.create_repo("user/errors", exist_ok=True).repo_id == "user/errors"
+    with pytest.raises(HfHubHTTPError) as error:
+        HfApi(token=False).upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id="user/errors")
+    assert error.value.response.status_code == 401
+
+
+def test_transformers_push_to_hub_and_from_pretrained(hub_server):
+    from transformers import AutoModel, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, vocab_size=99)
+    model = BertModel(config)
+    model.push_to_hub("tiny-bert")
+    assert hub_server.count("lfs-upload", "PUT") == 1  # model.safetensors
+
+    reloaded = AutoModel.from_pretrained("user/tiny-bert")
+    assert type(reloaded) is BertModel and reloaded.config.hidden_size == 32
+    expected, actual = model.state_dict(), reloaded.state_dict()
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+
+
+def test_datasets_push_to_hub_and_streaming_load(hub_server):
+    import datasets
+
+    rows = {"report": ["no acute findings", "small left effusion", "cardiomegaly"], "label": [0, 1, 1]}
+    datasets.Dataset.from_dict(rows).push_to_hub("user/tiny-reports")
+    assert hub_server.count("lfs-upload", "PUT") == 1  # the parquet shard went through LFS
+
+    streamed = datasets.load_dataset("user/tiny-reports", split="train", streaming=True)
+    assert list(streamed) == [{"report": r, "label": y} for r, y in zip(rows["report"], rows["label"], strict=True)]
+
+
+def test_fresh_process_reaches_the_server_through_its_env(hub_server, tmp_path):
+    HfApi().create_repo("user/from-parent")
+    code = (
+        "from huggingface_hub import HfApi, constants; "
+        "HfApi().upload_file(path_or_fileobj=b'child', path_in_repo='child.txt', repo_id='user/from-parent'); "
+        "print(constants.ENDPOINT)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=hub_server.env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == hub_server.endpoint
+    assert Path(hf_hub_download("user/from-parent", "child.txt")).read_bytes() == b"child"
+
+
+def test_hub_endpoint_is_the_local_server(hub_server):
+    assert hub_endpoint() == hub_server.endpoint
+
+
+def test_background_uploader_does_not_block_the_caller(hub_server, tmp_path):
+    first = make_checkpoint(tmp_path / "checkpoint-10", seed=1)
+    second = make_checkpoint(tmp_path / "checkpoint-20", seed=2)
+    hub_server.set_delay(0.5, route="create-repo")  # the worker's first request, then each commit, take 0.5 s
+    hub_server.set_delay(0.5, route="commit")
+
+    uploader = BackgroundUploader("user/run", revision="checkpoints", retry=FAST_RETRY)
+    start = time.perf_counter()
+    uploader.upload(first)
+    uploader.upload(second, commit_message="Second checkpoint")
+    queued_in = time.perf_counter() - start
+    assert queued_in < 0.5, f"upload() blocked the caller for {queued_in:.2f}s"
+    assert hub_server.count("commit") == 0  # nothing committed yet when the calls returned
+
+    assert uploader.wait() == []
+    assert uploader.close() == []
+    api = HfApi()
+    files = api.list_repo_files("user/run", revision="checkpoints")
+    for checkpoint in (first, second):
+        for name, digest in folder_digest(checkpoint).items():
+            assert f"{checkpoint.name}/{name}" in files
+            path = hf_hub_download("user/run", f"{checkpoint.name}/{name}", revision="checkpoints")
+            assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == digest
+    assert "checkpoint-10/config.json" not in api.list_repo_files("user/run")  # main is untouched
+    titles = [c.title for c in api.list_repo_commits("user/run", revision="checkpoints")]
+    assert titles[:2] == ["Second checkpoint", "Upload checkpoint-10"]
+
+
+def test_background_uploader_retries_transient_errors(hub_server, tmp_path, caplog):
+    checkpoint = make_checkpoint(tmp_path / "checkpoint-5", seed=5)
+    hub_server.fail_next(2, status=500, route="commit")
+    with caplog.at_level(logging.WARNING, logger="modeling_medclip.hub"):
+        with BackgroundUploader("user/retry-run", retry=FAST_RETRY) as uploader:
+            uploader.upload(checkpoint)
+    assert uploader.failures == []
+    assert hub_server.count("commit", "POST") == 3
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and all(str(checkpoint) in message for message in warnings)
+    path = hf_hub_download("user/retry-run", "checkpoint-5/model.safetensors")
+    assert Path(path).read_bytes() == (checkpoint / "model.safetensors").read_bytes()
+
+
+def test_background_uploader_reports_permanent_failure_and_keeps_the_folder(hub_server, tmp_path):
+    checkpoint = make_checkpoint(tmp_path / "checkpoint-7", seed=7)
+    before = folder_digest(checkpoint)
+    hub_server.fail_next(100, status=503, route="commit")
+    uploader = BackgroundUploader("user/doomed-run", retry=RetryPolicy(max_attempts=3, initial_delay=0.01))
+    uploader.upload(checkpoint)
+    with pytest.raises(HubUploadError, match="checkpoint-7") as error:
+        uploader.close()
+    [failure] = error.value.failures
+    assert failure.folder == checkpoint and failure.attempts == 3
+    assert failure.error.response.status_code == 503
+    assert hub_server.count("commit", "POST") == 3
+    assert folder_digest(checkpoint) == before  # local checkpoint intact, byte for byte
+    assert "checkpoint-7/config.json" not in HfApi().list_repo_files("user/doomed-run")
+    with pytest.raises(RuntimeError, match="closed"):
+        uploader.upload(checkpoint)
+
+
+def test_background_uploader_does_not_retry_client_errors(hub_server, tmp_path):
+    checkpoint = make_checkpoint(tmp_path / "checkpoint-9", seed=9)
+    hub_server.fail_next(1, status=403, route="commit")
+    uploader = BackgroundUploader("user/forbidden-run", retry=FAST_RETRY)
+    uploader.upload(checkpoint)
+    [failure] = uploader.close(raise_on_failure=False)
+    assert failure.attempts == 1 and hub_server.count("commit", "POST") == 1
+    with pytest.raises(ValueError, match="not a folder"):
+        BackgroundUploader("user/forbidden-run").upload(tmp_path / "missing")
+
+
+def test_push_final_retries_and_lands_on_the_branch(hub_server, tmp_path):
+    final = make_checkpoint(tmp_path / "final", seed=3)
+    hub_server.fail_next(1, status=502, route="commit")
+    commit = push_final(final, "user/final-run", revision="release", commit_message="Final model", retry=FAST_RETRY)
+    refs = {ref.name: ref.target_commit for ref in HfApi().list_repo_refs("user/final-run").branches}
+    assert refs["release"] == commit.oid
+    snapshot = Path(snapshot_download("user/final-run", revision="release"))
+    assert folder_digest(snapshot)["model.safetensors"] == folder_digest(final)["model.safetensors"]
+    assert folder_digest(snapshot)["nested/notes.txt"] == folder_digest(final)["nested/notes.txt"]
