@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+from hub_server import hub_server_fixture  # noqa: F401  (the `hub_server` fixture for every test file)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,6 +72,3 @@ def tiny_config(model_type: str = "medclip", vision: str = "resnet", **kwargs):
     return config_class(
         vision_config=tiny_vision_config(vision), text_config=tiny_text_config(), projection_dim=16, **kwargs
     )
-
-
-from hub_server import hub_server_fixture  # noqa: E402,F401  (the `hub_server` fixture for every test file)
