@@ -23,6 +23,7 @@ from transformers.utils import ModelOutput, can_return_tuple
 from .configuration_medclip import ConVIRTConfig, DualEncoderConfig, MedCLIPConfig
 from .losses import clip_loss, convirt_loss, semantic_matching_loss, sigmoid_loss
 from .towers import (
+    add_block_checkpointing,
     build_projection_head,
     freeze_text_layers,
     match_channels,
@@ -118,6 +119,7 @@ class DualEncoderModel(DualEncoderPreTrainedModel):
         super().__init__(config)
         self.vision_model = vision_model if vision_model is not None else AutoModel.from_config(config.vision_config)
         self.text_model = text_model if text_model is not None else _text_tower_from_config(config.text_config)
+        add_block_checkpointing(self.vision_model)
         # the towers share the sub-configs so that changes to the model config reach them
         self.config.vision_config._attn_implementation = self.vision_model.config._attn_implementation
         self.config.text_config._attn_implementation = self.text_model.config._attn_implementation
@@ -366,6 +368,7 @@ class DualEncoderForImageClassification(DualEncoderPreTrainedModel):
         self.num_labels = config.num_labels
         self.vision_model = AutoModel.from_config(config.vision_config)
         self.vision_model.config = self.config.vision_config
+        add_block_checkpointing(self.vision_model)
         if config.classifier_features == "normalized_embeds":
             self.visual_projection = build_projection_head(
                 vision_output_size(config.vision_config),

@@ -6,8 +6,12 @@ Vision towers disagree on what they return: ResNet and ConvNeXt pool to `(B, C, 
 the config. Text towers give token states; [`pool_text_output`] implements the poolings of ConVIRT and MedCLIP.
 """
 
+import contextlib
+import types
+
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedConfig
 
 
@@ -109,6 +113,59 @@ def build_projection_head(
     raise ValueError(f"unknown projection head {kind!r}; expected 'linear' or 'mlp'")
 
 
+@contextlib.contextmanager
+def _frozen_batch_norm_statistics(block: nn.Module):
+    """Lets the batch norms of `block` normalise with batch statistics without updating their running statistics.
+
+    The backward pass of a checkpointed block runs its forward a second time; without this, every batch norm would
+    fold the same batch into its running mean and variance twice.
+    """
+    norms = [module for module in block.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    saved = [(norm.momentum, None if norm.num_batches_tracked is None else norm.num_batches_tracked.clone())
+             for norm in norms]
+    for norm in norms:
+        norm.momentum = 0.0
+    try:
+        yield
+    finally:
+        for norm, (momentum, tracked) in zip(norms, saved):
+            norm.momentum = momentum
+            if tracked is not None:
+                norm.num_batches_tracked.copy_(tracked)
+
+
+def _checkpointed_forward(self, *args, **kwargs):
+    """`forward` of a block made checkpointable by [`add_block_checkpointing`] (bound to the block)."""
+    forward = type(self).forward
+    if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        return checkpoint(
+            forward,
+            self,
+            *args,
+            use_reentrant=False,
+            context_fn=lambda: (contextlib.nullcontext(), _frozen_batch_norm_statistics(self)),
+            **kwargs,
+        )
+    return forward(self, *args, **kwargs)
+
+
+def add_block_checkpointing(tower: nn.Module) -> None:
+    """Makes the repeated blocks of a tower without native activation checkpointing (ResNet, ...) checkpointable.
+
+    Every child of every `nn.ModuleList` of the tower (ResNet: its stages) gets the `gradient_checkpointing` flag that
+    transformers' `activation_checkpointing_enable()` / `_disable()` switch, so the dual encoder checkpoints these
+    blocks like the layers of its text tower (always non-reentrant; batch-norm running statistics are updated once per
+    step, not again by the recomputation). Parameter names and the state dict are unchanged. Towers that already
+    support checkpointing (BERT, Swin, ViT, ...) are left alone.
+    """
+    if any(hasattr(module, "gradient_checkpointing") for module in tower.modules()):
+        return
+    for module_list in [module for module in tower.modules() if isinstance(module, nn.ModuleList)]:
+        for block in module_list:
+            block.gradient_checkpointing = False
+            block.forward = types.MethodType(_checkpointed_forward, block)
+
+
 def freeze_text_layers(text_model: nn.Module, num_layers: int) -> None:
     """Freezes the embeddings and the first `num_layers` encoder layers of a BERT-like text tower (ConVIRT: 6)."""
     if num_layers <= 0:
@@ -127,6 +184,7 @@ def freeze_text_layers(text_model: nn.Module, num_layers: int) -> None:
 
 
 __all__ = [
+    "add_block_checkpointing",
     "build_projection_head",
     "freeze_text_layers",
     "match_channels",

@@ -253,9 +253,10 @@ def test_from_vision_text_pretrained_loads_both_towers(tmp_path):
     assert model.text_model.encoder.layer[1].attention.self.query.weight.requires_grad
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("vision", ["vit", "resnet"])
+def test_gradient_checkpointing_gives_the_same_gradients(vision):
     def gradients(checkpointing):
-        model = _model(vision="vit").train()
+        model = _model(vision=vision).train()
         model.config.text_config.hidden_dropout_prob = 0.0
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
@@ -263,6 +264,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         if checkpointing:
             model.activation_checkpointing_enable()
             assert model.text_model.is_activation_checkpointing and model.vision_model.is_activation_checkpointing
+            state_keys = set(model.state_dict())
+            assert state_keys == set(_model(vision=vision).state_dict())
         input_ids, attention_mask = _text_batch()
         output = model(
             input_ids=input_ids,
@@ -273,12 +276,17 @@ def test_gradient_checkpointing_gives_the_same_gradients():
             return_loss=True,
         )
         output.loss.backward()
-        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        # batch-norm running statistics (ResNet) must be updated once, not again by the recomputation
+        buffers = {name: b.clone() for name, b in model.named_buffers()}
+        return grads, buffers
 
-    plain, checkpointed = gradients(False), gradients(True)
+    (plain, plain_buffers), (checkpointed, checkpointed_buffers) = gradients(False), gradients(True)
     assert plain.keys() == checkpointed.keys()
     for name in plain:
         torch.testing.assert_close(plain[name], checkpointed[name], atol=1e-5, rtol=1e-4)
+    for name in plain_buffers:
+        torch.testing.assert_close(plain_buffers[name], checkpointed_buffers[name])
 
 
 def test_sdpa_attention_is_passed_to_the_text_tower_and_matches_eager(tmp_path):
