@@ -127,11 +127,16 @@ def evaluate_retrieval(
 
 def evaluate_split(
     model, processor, split: EvaluationSplit, class_prompts: dict[str, list[str]], ks: Sequence[int] = (1, 5, 10),
-    batch_size: int = 32,
+    batch_size: int = 32, pixel_values: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Zero-shot and retrieval metrics of one split, the images encoded once for both."""
+    """Zero-shot and retrieval metrics of one split, the images encoded once for both.
+
+    `pixel_values` `(N, C, H, W)`: the split's images already preprocessed by `processor` (the training loop
+    preprocesses its held-out split once and evaluates it many times); by default they are read from `split.images`.
+    """
     model.eval()
-    image_embeddings = embed_images(model, processor, load_images(split.images), batch_size)
+    images = pixel_values if pixel_values is not None else load_images(split.images)
+    image_embeddings = embed_images(model, processor, images, batch_size)
     results = evaluate_zero_shot(model, processor, split, class_prompts, batch_size, image_embeddings)
     results.update(evaluate_retrieval(model, processor, split, ks, batch_size, image_embeddings))
     results["num_images"] = len(split.images)

@@ -1,0 +1,221 @@
+"""Atomic, resumable training checkpoints for [`modeling_medclip.training`].
+
+A checkpoint is one folder `<output_dir>/checkpoint-<step>/`:
+
+    config.json, model.safetensors, *.py   the model (`save_pretrained`, loads with `AutoModel.from_pretrained`)
+    processor / tokenizer files            `MedCLIPProcessor.save_pretrained`
+    optimizer.pt, scheduler.pt             optimizer and LR-scheduler state (`torch.load(..., weights_only=True)`)
+    scaler.pt                              the fp16 gradient scaler, when there is one
+    rng_state_<rank>.pt                    Python, NumPy and torch RNG states of each process
+    data_state_<rank>.json                 the position of each process in its training stream
+    trainer_state.json                     global step, best metric so far, number of processes
+
+Every process writes its own files into a temporary folder `.checkpoint-<step>.tmp` next to the final one; once all
+are written (barrier), the main process renames it with `os.replace`, so `checkpoint-<step>/` either exists complete
+or not at all, and an error while writing never touches the previous checkpoints. Rotation (`save_total_limit`) only
+runs after a successful rename.
+"""
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAINER_STATE_NAME = "trainer_state.json"
+_CHECKPOINT_PATTERN = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The step of a `checkpoint-<step>` folder."""
+    match = _CHECKPOINT_PATTERN.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path} is not a `{CHECKPOINT_PREFIX}<step>` folder")
+    return int(match.group(1))
+
+
+def sorted_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """The complete `checkpoint-<step>` folders of `output_dir`, oldest step first (temporary folders excluded)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    folders = [p for p in output_dir.iterdir() if p.is_dir() and _CHECKPOINT_PATTERN.match(p.name)]
+    folders = [p for p in folders if (p / TRAINER_STATE_NAME).is_file()]
+    return sorted(folders, key=checkpoint_step)
+
+
+def resolve_checkpoint(resume_from_checkpoint: str | None, output_dir: str | os.PathLike) -> Path | None:
+    """`"latest"` -> the newest checkpoint of `output_dir` (None when there is none); a path -> that folder."""
+    if not resume_from_checkpoint:
+        return None
+    if resume_from_checkpoint == "latest":
+        checkpoints = sorted_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = Path(resume_from_checkpoint)
+    if not (path / TRAINER_STATE_NAME).is_file():
+        raise ValueError(f"--resume_from_checkpoint {path}: not a checkpoint folder (no {TRAINER_STATE_NAME})")
+    return path
+
+
+def rng_state() -> dict:
+    """This process's RNG states (Python, NumPy, torch CPU and accelerator) as `torch.save`-able plain objects."""
+    numpy_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (numpy_state[0], torch.from_numpy(numpy_state[1].copy()), *numpy_state[2:]),
+        "cpu": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restores states returned by [`rng_state`]."""
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _write_json(path: Path, content: dict) -> None:
+    path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+
+
+def write_checkpoint(
+    accelerator,
+    output_dir: str | os.PathLike,
+    step: int,
+    *,
+    model,
+    processor,
+    optimizer,
+    scheduler,
+    data_state: dict,
+    trainer_state: dict,
+) -> Path:
+    """Writes `checkpoint-<step>` atomically (see the module docstring). Call it on every process.
+
+    Args:
+        accelerator: the run's `accelerate.Accelerator`.
+        output_dir: the run's folder.
+        step: the optimizer step just completed.
+        model: the unwrapped model (`accelerator.unwrap_model`).
+        processor: a processor (or anything with `save_pretrained`), or `None`.
+        optimizer, scheduler: the prepared optimizer and the LR scheduler.
+        data_state: this process's training-stream `state_dict()`.
+        trainer_state: JSON-able run state (global step, best metric, ...), written by the main process.
+
+    Returns:
+        The final folder.
+    """
+    output_dir = Path(output_dir)
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = output_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
+    rank = accelerator.process_index
+    if accelerator.is_main_process:
+        if tmp.exists():  # left over by a run that died while writing
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    try:
+        if accelerator.is_main_process:
+            model.save_pretrained(tmp)
+            if processor is not None:
+                processor.save_pretrained(tmp)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            if accelerator.scaler is not None:
+                torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+        torch.save(rng_state(), tmp / f"rng_state_{rank}.pt")
+        _write_json(tmp / f"data_state_{rank}.json", data_state)
+    finally:
+        accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        # written last: a folder without trainer_state.json is never taken for a checkpoint
+        _write_json(tmp / TRAINER_STATE_NAME, {**trainer_state, "num_processes": accelerator.num_processes})
+        if final.exists():  # the same step saved again (e.g. re-run after a resume): swap it out
+            stale = output_dir / f".{final.name}.stale"
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(final, stale)
+            os.replace(tmp, final)
+            shutil.rmtree(stale)
+        else:
+            os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def read_checkpoint(accelerator, checkpoint: str | os.PathLike, *, optimizer, scheduler) -> tuple[dict, dict]:
+    """Loads optimizer, scheduler, scaler and RNG states of `checkpoint` in place (the model weights are loaded by the
+    caller with `from_pretrained`, before `accelerator.prepare`).
+
+    Returns:
+        `(trainer_state, data_state)` of this process.
+    """
+    checkpoint = Path(checkpoint)
+    trainer_state = json.loads((checkpoint / TRAINER_STATE_NAME).read_text())
+    if trainer_state["num_processes"] != accelerator.num_processes:
+        raise ValueError(
+            f"{checkpoint} was written by {trainer_state['num_processes']} processes; resuming it exactly needs the "
+            f"same number, got {accelerator.num_processes}"
+        )
+    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+    if accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(torch.load(checkpoint / "scaler.pt", weights_only=True))
+    rank = accelerator.process_index
+    set_rng_state(torch.load(checkpoint / f"rng_state_{rank}.pt", weights_only=True))
+    data_state = json.loads((checkpoint / f"data_state_{rank}.json").read_text())
+    return trainer_state, data_state
+
+
+def rotate_checkpoints(output_dir: str | os.PathLike, save_total_limit: int | None) -> None:
+    """Deletes the oldest checkpoints beyond the last `save_total_limit` (the best model lives in `best/`)."""
+    if not save_total_limit or save_total_limit <= 0:
+        return
+    checkpoints = sorted_checkpoints(output_dir)
+    for folder in checkpoints[: max(len(checkpoints) - save_total_limit, 0)]:
+        shutil.rmtree(folder)
+
+
+def save_pretrained_atomic(folder: str | os.PathLike, model, processor=None, extra_json: dict | None = None) -> Path:
+    """`save_pretrained` of `model` (and `processor`) into `folder` through a temporary sibling and `os.replace`."""
+    folder = Path(folder)
+    tmp = folder.parent / f".{folder.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if processor is not None:
+        processor.save_pretrained(tmp)
+    for name, content in (extra_json or {}).items():
+        _write_json(tmp / name, content)
+    if folder.exists():
+        stale = folder.parent / f".{folder.name}.stale"
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(folder, stale)
+        os.replace(tmp, folder)
+        shutil.rmtree(stale)
+    else:
+        os.replace(tmp, folder)
+    return folder
+
+
+__all__ = [
+    "CHECKPOINT_PREFIX",
+    "checkpoint_step",
+    "read_checkpoint",
+    "resolve_checkpoint",
+    "rotate_checkpoints",
+    "rng_state",
+    "save_pretrained_atomic",
+    "set_rng_state",
+    "sorted_checkpoints",
+    "write_checkpoint",
+]

@@ -1,0 +1,33 @@
+#!/usr/bin/env python
+"""Contrastive pretraining of ConVIRT / MedCLIP.
+
+    python run_pretrain.py                                   # the cpu-demo preset (a few minutes on a CPU)
+    python run_pretrain.py --preset medclip-swin --output_dir out --max_steps 10000
+    python run_pretrain.py my_run.yaml --learning_rate 1e-4  # arguments from a file, then overridden by flags
+    accelerate launch --num_processes 4 run_pretrain.py --preset convirt --mixed_precision bf16
+
+Precedence: dataclass defaults < --preset < config file < flags. `--help` lists every flag. The loop and its outputs
+are described in `modeling_medclip/training.py`.
+"""
+
+import logging
+import sys
+
+from modeling_medclip.training import parse_args, results_table, train
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    result = train(parse_args(argv))
+    print(f"\nHeld-out evaluation ({result.metrics.get('eval_num_images', 'n/a')} images of unseen patients; "
+          f"train_runtime {result.metrics['train_runtime']:.0f} s):\n")
+    print(results_table(result))
+    print(f"\nfinal model: {result.final_model_dir} (all metrics in {result.output_dir / 'train_results.json'})")
+    if result.hub_errors:
+        print("Hub uploads failed (the local folders are complete):", *result.hub_errors, sep="\n  ", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

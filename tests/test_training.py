@@ -1,0 +1,325 @@
+"""Tests of the pretraining loop (`modeling_medclip/training.py`, `checkpointing.py`) and `run_pretrain.py`.
+
+The distributed test starts 2 real CPU processes (gloo) with `accelerate launch`; the loop tests train tiny towers on
+the real covid-cxr images and notes of the shared data folder.
+"""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from _train_worker import global_batch, reference_step, shard, tiny_model
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from hub_server import hub_server_fixture  # noqa: F401  (registers the `hub_server` fixture)
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoProcessor
+
+from modeling_medclip.checkpointing import sorted_checkpoints, write_checkpoint
+from modeling_medclip.training import (
+    PRESETS,
+    ContrastiveTrainer,
+    TrainingArguments,
+    build_optimizer,
+    build_parser,
+    parameter_groups,
+    parse_args,
+    train,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LOSSES = ("infonce", "convirt", "semantic")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each test builds its own Accelerator; Accelerate keeps process-wide singletons otherwise."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def tiny_run_args(output_dir, *flags):
+    """The `tiny` preset on the shared data, made even shorter."""
+    return parse_args(
+        ["--preset", "tiny", "--output_dir", str(output_dir), "--disable_tqdm", "--max_eval_samples", "8", *flags]
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_no_arguments_is_the_cpu_demo_preset():
+    args = parse_args([])
+    assert args.training.max_steps == PRESETS["cpu-demo"]["max_steps"]
+    assert args.model.vision_config == PRESETS["cpu-demo"]["vision_config"]
+    assert args.training.output_dir == PRESETS["cpu-demo"]["output_dir"]
+
+
+def test_precedence_defaults_preset_file_flags(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"preset": "tiny", "learning_rate": 0.25, "max_steps": 7, "seed": 3}))
+    args = parse_args([str(config), "--max_steps", "9"])
+    assert args.training.learning_rate == 0.25  # file over preset
+    assert args.training.max_steps == 9  # flag over file
+    assert args.training.seed == 3
+    assert args.model.image_size == PRESETS["tiny"]["image_size"]  # from the file's preset
+
+    json_config = tmp_path / "run.json"
+    json_config.write_text(json.dumps({"per_device_train_batch_size": 5}))
+    args = parse_args(["--config", str(json_config), "--preset", "convirt"])
+    assert args.training.per_device_train_batch_size == 5
+    assert args.model.model_type == "convirt"
+    assert args.training.learning_rate == PRESETS["convirt"]["learning_rate"]
+
+    args = parse_args(["--preset", "none"])
+    assert args.training.max_steps == TrainingArguments.max_steps
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rat: 0.1\n")
+    with pytest.raises(ValueError, match="learning_rat"):
+        parse_args([str(bad)])
+
+
+def test_help_documents_every_flag():
+    help_text = build_parser().format_help()
+    for flag in (
+        "output_dir", "max_steps", "num_train_epochs", "per_device_train_batch_size", "learning_rate", "seed",
+        "save_steps", "save_total_limit", "resume_from_checkpoint", "push_to_hub", "hub_model_id", "hub_revision",
+        "gradient_accumulation_steps", "mixed_precision", "gradient_checkpointing", "torch_compile", "warmup_steps",
+        "weight_decay", "max_grad_norm", "eval_steps", "logging_steps", "report_to", "head_learning_rate",
+        "accumulation_mode", "metric_for_best_model", "greater_is_better", "preset", "config",
+    ):  # fmt: skip
+        assert f"--{flag}" in help_text, flag
+    for action in build_parser()._actions:
+        assert action.help, f"{action.option_strings} has no help"
+
+
+def test_parameter_groups_exclude_frozen_and_skip_decay_on_norms_biases_and_logit_scale():
+    model = tiny_model("convirt")  # ConVIRT config: first text layer and embeddings frozen, fixed logit scale
+    args = TrainingArguments(output_dir="unused", learning_rate=1e-4, head_learning_rate=1e-3, weight_decay=0.1)
+    groups = {group["group_name"]: group for group in parameter_groups(model, args)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    in_optimizer = {names[id(p)] for group in groups.values() for p in group["params"]}
+    assert not any(name.startswith(("text_model.embeddings", "text_model.encoder.layer.0.")) for name in in_optimizer)
+    assert any(name.startswith("text_model.encoder.layer.1.") for name in in_optimizer)
+    assert "logit_scale" not in in_optimizer  # not learnable in ConVIRT
+    for name in in_optimizer:
+        group = next(g for g in groups.values() if any(names[id(p)] == name for p in g["params"]))
+        decays = group["weight_decay"] > 0
+        assert decays != (name.endswith("bias") or "norm" in name.lower()), name
+        assert group["lr"] == (1e-3 if name.startswith(("visual_projection", "text_projection")) else 1e-4), name
+
+    medclip = tiny_model("semantic")
+    groups = parameter_groups(medclip, args)
+    scale_group = next(g for g in groups if any(p is medclip.logit_scale for p in g["params"]))
+    assert scale_group["weight_decay"] == 0.0 and scale_group["lr"] == 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The step: global-batch negatives across processes and across accumulated micro-batches
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_on_the_concatenated_batch(tmp_path):
+    output = tmp_path / "result.json"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+        str(REPO_ROOT / "tests" / "_train_worker.py"), str(output),
+    ]  # fmt: skip
+    completed = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    results = json.loads(output.read_text())
+    assert results["world_size"] == 2
+    for loss_type in LOSSES:
+        result = results[loss_type]
+        assert result["largest_update"] > 1e-3, result  # the step did move the parameters
+        assert result["max_difference"] < 1e-5, (loss_type, result)
+        if loss_type != "convirt":  # the learnable temperature, used outside forward under DDP, got its update
+            assert result["logit_scale_update"] > 1e-4, result
+
+
+def _step_args(**overrides) -> TrainingArguments:
+    """The step settings of `_train_worker.py` (SGD, separate head LR, clipping)."""
+    return TrainingArguments(
+        output_dir="unused", optim="sgd", learning_rate=0.5, head_learning_rate=2.0, max_grad_norm=1.0, **overrides
+    )
+
+
+def _one_process_trainer(model, **overrides):
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=overrides.get("gradient_accumulation_steps", 1))
+    args = _step_args(**overrides)
+    return ContrastiveTrainer(accelerator, model, args, num_training_steps=1), args
+
+
+def _max_difference(model_a, model_b) -> float:
+    b = dict(model_b.named_parameters())
+    return max((p - b[name]).abs().max().item() for name, p in model_a.named_parameters())
+
+
+@pytest.mark.parametrize("loss_type", LOSSES)
+def test_global_negatives_accumulation_matches_the_full_batch(loss_type):
+    torch.manual_seed(0)
+    model = tiny_model(loss_type)
+    reference = reference_step(copy.deepcopy(model), global_batch(loss_type), _step_args())
+    trainer, _ = _one_process_trainer(
+        model, gradient_accumulation_steps=2, accumulation_mode="global_negatives"
+    )
+    batch = global_batch(loss_type)
+    trainer.training_step([shard(batch, 0, 2), shard(batch, 1, 2)])
+    assert _max_difference(trainer.unwrapped, reference) < 1e-5
+    if loss_type != "convirt":  # the learnable temperature took exactly one full-batch step
+        assert abs(trainer.unwrapped.logit_scale.item() - reference.logit_scale.item()) < 1e-6
+        assert abs(trainer.unwrapped.logit_scale.item() - model.config.logit_scale_init_value) > 1e-4
+
+
+def test_plain_accumulation_averages_the_micro_batch_losses():
+    torch.manual_seed(0)
+    model = tiny_model("infonce")
+    reference, initial = copy.deepcopy(model), copy.deepcopy(model)
+    trainer, args = _one_process_trainer(model, gradient_accumulation_steps=2, accumulation_mode="plain")
+    batch = global_batch("infonce")
+    halves = [shard(batch, 0, 2), shard(batch, 1, 2)]
+    trainer.training_step(halves)
+
+    optimizer = build_optimizer(reference, args)
+    loss = sum(reference(**half, return_loss=True).loss for half in halves) / 2
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), args.max_grad_norm)
+    optimizer.step()
+    assert _max_difference(trainer.unwrapped, reference) < 1e-5
+    # and it is NOT the full-batch update: the negatives of the other micro-batch are missing
+    full = reference_step(initial, batch, args)
+    assert _max_difference(trainer.unwrapped, full) > 1e-4
+
+
+def test_logit_scale_is_clamped_after_the_step():
+    torch.manual_seed(0)
+    model = tiny_model("infonce")
+    with torch.no_grad():
+        model.logit_scale.fill_(4.7)  # above log(max_logit_scale) = log(100) = 4.605
+    trainer, _ = _one_process_trainer(model)
+    trainer.training_step([global_batch("infonce")])
+    assert trainer.unwrapped.logit_scale.item() <= torch.log(torch.tensor(100.0)).item() + 1e-7
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints, resume, outputs
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class _FailingProcessor:
+    """A processor whose save fails half-way, like a full disk."""
+
+    def save_pretrained(self, folder):
+        Path(folder, "partial.json").write_text("{")
+        raise OSError("No space left on device")
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    trainer, _ = _one_process_trainer(tiny_model("infonce"))
+    common = {
+        "model": trainer.unwrapped, "optimizer": trainer.optimizer, "scheduler": trainer.scheduler,
+        "data_state": {"epoch": 0}, "trainer_state": {"global_step": 1},
+    }  # fmt: skip
+    good = write_checkpoint(trainer.accelerator, tmp_path, 1, processor=None, **common)
+    before = load_file(good / "model.safetensors")
+    trainer.training_step([global_batch("infonce")])
+    with pytest.raises(OSError, match="No space"):
+        write_checkpoint(trainer.accelerator, tmp_path, 2, processor=_FailingProcessor(), **common)
+    assert sorted_checkpoints(tmp_path) == [good]
+    assert not (tmp_path / "checkpoint-2").exists()
+    after = load_file(good / "model.safetensors")
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly(tmp_path, shared_data):
+    # constant LR so that a run told to stop at step 2 and one told to go on to step 4 share the schedule
+    flags = ["--lr_scheduler_type", "constant", "--eval_steps", "0", "--save_steps", "2", "--seed", "7"]
+    straight = train(tiny_run_args(tmp_path / "straight", "--max_steps", "4", *flags))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    first_half = train(tiny_run_args(tmp_path / "resumed", "--max_steps", "2", *flags))
+    assert first_half.global_step == 2
+    AcceleratorState._reset_state(reset_partial_state=True)
+    resumed = train(
+        tiny_run_args(tmp_path / "resumed", "--max_steps", "4", "--resume_from_checkpoint", "latest", *flags)
+    )
+    assert resumed.global_step == 4
+    a = load_file(straight.final_model_dir / "model.safetensors")
+    b = load_file(resumed.final_model_dir / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6
+    halfway = load_file(tmp_path / "straight" / "checkpoint-2" / "model.safetensors")
+    assert any(not torch.equal(halfway[k], a[k]) for k in a)  # steps 3 and 4 changed the weights
+    steps = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    losses = [(entry["step"], entry["loss"]) for entry in steps if "loss" in entry]
+    assert [step for step, _ in losses] == [1, 2, 3, 4]
+    straight_losses = [
+        json.loads(line)["loss"] for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]  # fmt: skip
+    assert [loss for _, loss in losses] == pytest.approx(straight_losses, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_push_to_hub_uploads_checkpoints_and_the_final_model(hub_server, tmp_path, shared_data):
+    hub_server.fail_next(1, status=503, route="commit")  # a transient Hub error: retried, the run goes on
+    result = train(
+        tiny_run_args(
+            tmp_path / "run", "--max_steps", "2", "--save_steps", "1", "--save_total_limit", "1", "--eval_steps", "0",
+            "--push_to_hub", "--hub_model_id", "user/tiny-medclip", "--hub_revision", "experiment",
+        )  # fmt: skip
+    )
+    assert result.hub_errors == []
+    assert [p.name for p in sorted_checkpoints(tmp_path / "run")] == ["checkpoint-2"]  # rotated locally
+    from huggingface_hub import HfApi
+
+    files = set(HfApi().list_repo_files("user/tiny-medclip", revision="experiment"))
+    assert {"checkpoint-1/model.safetensors", "checkpoint-2/optimizer.pt", "model.safetensors", "README.md"} <= files
+    model = AutoModel.from_pretrained("user/tiny-medclip", revision="experiment")
+    local = load_file(result.final_model_dir / "model.safetensors")
+    hub = model.state_dict()
+    assert all(torch.equal(local[name], hub[name]) for name in local)
+    processor = AutoProcessor.from_pretrained("user/tiny-medclip", revision="experiment")
+    assert processor.tokenizer("no effusion")["input_ids"]
+
+
+@pytest.mark.slow
+def test_run_pretrain_tiny_end_to_end(tmp_path, shared_data):
+    output_dir = tmp_path / "run"
+    completed = subprocess.run(
+        [sys.executable, "run_pretrain.py", "--preset", "tiny", "--output_dir", str(output_dir), "--disable_tqdm"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    entries = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [entry["loss"] for entry in entries if "loss" in entry]
+    assert len(losses) == PRESETS["tiny"]["max_steps"]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert any("eval_loss" in entry for entry in entries)
+    assert [p.name for p in sorted_checkpoints(output_dir)] == ["checkpoint-2", "checkpoint-4"]
+    checkpoint = output_dir / "checkpoint-4"
+    for name in ("model.safetensors", "config.json", "optimizer.pt", "scheduler.pt", "rng_state_0.pt",
+                 "data_state_0.json", "trainer_state.json", "tokenizer.json"):  # fmt: skip
+        assert (checkpoint / name).is_file(), name
+    for folder in (output_dir / "final", output_dir / "best"):
+        model = AutoModel.from_pretrained(folder)
+        processor = AutoProcessor.from_pretrained(folder)
+        assert type(model).__name__ == "MedCLIPModel"
+        assert processor.image_processor.crop_size["height"] == PRESETS["tiny"]["image_size"]
+    assert (output_dir / "final" / "README.md").read_text().startswith("---")
