@@ -1,0 +1,325 @@
+"""Tests for the rule-based CheXpert-style labeler, on real IU X-ray report sentences."""
+
+import csv
+import subprocess
+import sys
+
+import pytest
+from sklearn.metrics import f1_score
+
+from modeling_medclip.labeler import (
+    CHEXPERT_CLASSES,
+    CheXpertLabeler,
+    add_label_column,
+    labels_to_vector,
+    main,
+    split_sentences,
+)
+from conftest import REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def labeler():
+    return CheXpertLabeler()
+
+
+def test_classes_are_chexperts_in_order():
+    assert CHEXPERT_CLASSES == (
+        "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Lesion", "Lung Opacity", "Edema",
+        "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
+        "Fracture", "Support Devices",
+    )  # fmt: skip
+
+
+# Real sentences from iu-xray-reports/reports.csv, with the labels a reader gives them (only the listed
+# observations may be mentioned; every other one must be None, No Finding excepted).
+REAL_SENTENCES = [
+    ("No pleural effusion or pneumothorax.", {"Pleural Effusion": 0.0, "Pneumothorax": 0.0}),
+    (
+        "No displaced rib fractures, pneumothorax, or pleural effusion identified.",
+        {"Fracture": 0.0, "Pneumothorax": 0.0, "Pleural Effusion": 0.0},
+    ),
+    (
+        "No focal consolidation, suspicious pulmonary opacity, large pleural effusion, or pneumothorax is identified.",
+        {"Consolidation": 0.0, "Lung Opacity": 0.0, "Pleural Effusion": 0.0, "Pneumothorax": 0.0},
+    ),
+    ("There are no XXXX of a pleural effusion.", {"Pleural Effusion": 0.0}),
+    ("The lungs are free of focal airspace disease.", {"Lung Opacity": 0.0}),
+    (
+        "The lungs are clear of focal airspace disease, pneumothorax, or pleural effusion.",
+        {"Lung Opacity": 0.0, "Pneumothorax": 0.0, "Pleural Effusion": 0.0},
+    ),
+    ("The left apical pneumothorax has resolved.", {"Pneumothorax": 0.0}),
+    ("Previously seen left pleural effusion has resolved.", {"Pleural Effusion": 0.0}),
+    ("There is no focal air space opacity to suggest a pneumonia.", {"Lung Opacity": 0.0, "Pneumonia": 0.0}),
+    # uncertainty
+    ("A subtle infiltrate cannot be excluded.", {"Lung Opacity": -1.0}),
+    ("Cannot exclude small pleural effusions.", {"Pleural Effusion": -1.0}),
+    ("This may represent atelectasis.", {"Atelectasis": -1.0}),
+    ("Bibasilar atelectasis versus scarring.", {"Atelectasis": -1.0}),
+    ("Borderline cardiomegaly.", {"Cardiomegaly": -1.0}),
+    ("Heart size is upper limits of normal.", {"Cardiomegaly": -1.0}),
+    # positives
+    ("Basilar atelectasis.", {"Atelectasis": 1.0}),
+    ("Stable enlarged cardiomediastinal silhouette.", {"Enlarged Cardiomediastinum": 1.0, "Cardiomegaly": 1.0}),
+    ("Stable appearance of pacemaker.", {"Support Devices": 1.0}),
+    ("There is biapical pleural thickening, unchanged from prior.", {"Pleural Other": 1.0}),
+    # attribute mentions: "heart size" is a mention only with a qualifier
+    ("Heart size and mediastinal contour are within normal limits.", {"Cardiomegaly": 0.0, "Enlarged Cardiomediastinum": 0.0}),
+    ("The cardiac silhouette is not enlarged.", {"Cardiomegaly": 0.0}),
+    ("Heart size is stable.", {}),
+    # scope: the negation stops at the clause boundary
+    (
+        "Patchy subsegmental atelectasis is seen bibasilar region, no evidence of pneumothorax or pleural effusion is present.",
+        {"Atelectasis": 1.0, "Pneumothorax": 0.0, "Pleural Effusion": 0.0},
+    ),
+    (
+        "Mild cardiomegaly as before with no effusions or overt evidence of CHF.",
+        {"Cardiomegaly": 1.0, "Pleural Effusion": 0.0, "Edema": 0.0},
+    ),
+    (
+        "No evidence of acute pneumonia,XXXX opacities in the lung bases are slightly worse XXXX compared to prior study.",
+        {"Pneumonia": 0.0, "Lung Opacity": 1.0},
+    ),
+]
+
+
+@pytest.mark.parametrize("sentence,expected", REAL_SENTENCES, ids=[s[:40] for s, _ in REAL_SENTENCES])
+def test_real_sentences(labeler, sentence, expected):
+    labels = labeler.label_sentence(sentence)
+    assert list(labels) == list(CHEXPERT_CLASSES)
+    assert {name: label for name, label in labels.items() if name != "No Finding" and label is not None} == expected
+
+
+def test_negation_scope_ends_at_but(labeler):
+    labels = labeler.label_sentence("No pleural effusion but there is cardiomegaly.")
+    assert labels["Pleural Effusion"] == 0.0
+    assert labels["Cardiomegaly"] == 1.0
+    labels = labeler.label_sentence("No pleural effusion, there is mild cardiomegaly.")
+    assert labels["Pleural Effusion"] == 0.0
+    assert labels["Cardiomegaly"] == 1.0
+
+
+def test_strong_uncertainty_beats_negation_and_negation_beats_uncertainty(labeler):
+    # "not excluded" contains a negation but is uncertain; "no ... to suggest" is a negation.
+    assert labeler.label_sentence("Definite infiltrate is not excluded.")["Lung Opacity"] == -1.0
+    assert labeler.label_sentence("No focal consolidation to suggest pneumonia.")["Pneumonia"] == 0.0
+
+
+def test_report_aggregation(labeler):
+    # Real report (uid 2): positive beats negative within the report; No Finding blank.
+    report = (
+        "Borderline cardiomegaly. Midline sternotomy XXXX. Enlarged pulmonary arteries. Clear lungs. "
+        "Inferior XXXX XXXX XXXX. No acute pulmonary findings."
+    )
+    labels = labeler.label_report(report)
+    assert labels["Cardiomegaly"] == -1.0
+    assert labels["No Finding"] is None  # an uncertain finding blocks No Finding
+
+    # Positive beats uncertain beats negative across sentences.
+    labels = labeler.label_report("No atelectasis. This may represent atelectasis. Basilar atelectasis.")
+    assert labels["Atelectasis"] == 1.0
+    labels = labeler.label_report("No atelectasis. This may represent atelectasis.")
+    assert labels["Atelectasis"] == -1.0
+    labels = labeler.label_report("No atelectasis. No pleural effusion or pneumothorax.")
+    assert labels["Atelectasis"] == 0.0
+    assert labels["No Finding"] == 1.0
+
+
+def test_no_finding_with_support_devices(labeler):
+    # Real report: a pacemaker and otherwise normal findings -> No Finding stays positive.
+    report = (
+        "No pneumothorax. Pacemaker defibrillator tips in the right atrium, right ventricle and a coronary vein. "
+        "Heart size normal. Lungs are clear."
+    )
+    labels = labeler.label_report(report)
+    assert labels["Support Devices"] == 1.0
+    assert labels["Pneumothorax"] == 0.0
+    assert labels["Cardiomegaly"] == 0.0
+    assert labels["No Finding"] == 1.0
+    assert labeler.label_report(report + " Mild cardiomegaly.")["No Finding"] is None
+
+
+def test_label_vector_policies(labeler):
+    report = "Cannot exclude small pleural effusions. Mild cardiomegaly. No pneumothorax."
+    index = CHEXPERT_CLASSES.index
+    positive = labeler.label_vector(report, uncertain="positive")
+    negative = labeler.label_vector(report, uncertain="negative")
+    ignore = labeler.label_vector(report, uncertain="ignore")
+    assert len(positive) == 14
+    assert positive[index("Pleural Effusion")] == 1.0
+    assert negative[index("Pleural Effusion")] == 0.0 == ignore[index("Pleural Effusion")]
+    for vector in (positive, negative, ignore):
+        assert vector[index("Cardiomegaly")] == 1.0
+        assert vector[index("Pneumothorax")] == 0.0  # negative
+        assert vector[index("Fracture")] == 0.0  # not mentioned
+        assert vector[index("No Finding")] == 0.0
+    sentence_vector = labeler.label_vector("Mild cardiomegaly.", level="sentence")
+    assert sentence_vector == labels_to_vector(labeler.label_sentence("Mild cardiomegaly."))
+    with pytest.raises(ValueError, match="uncertain"):
+        labeler.label_vector(report, uncertain="maybe")
+
+
+def test_label_reports_levels(labeler):
+    texts = ["No pneumothorax. Mild cardiomegaly.", "Basilar atelectasis."]
+    assert labeler.label_reports(texts) == [labeler.label_report(text) for text in texts]
+    sentences = labeler.label_reports(texts, level="sentence")
+    assert len(sentences) == 3
+    assert sentences[1]["Cardiomegaly"] == 1.0
+    with pytest.raises(ValueError, match="text #1"):
+        labeler.label_reports(["Mild cardiomegaly.", "  "])
+    assert labeler.label_reports(["Mild cardiomegaly.", ""], skip_empty=True)[1] == dict.fromkeys(CHEXPERT_CLASSES)
+
+
+def test_empty_and_bad_text(labeler):
+    for method in (labeler.label_report, labeler.label_sentence, labeler.label_vector):
+        with pytest.raises(ValueError, match="empty"):
+            method("   ")
+        with pytest.raises(ValueError, match="string"):
+            method(None)
+
+
+def test_split_sentences_real_text():
+    # uid 4 has a missing space ("apex.There") and a numbered impression; others "Dr. XXXX", decimals, "p.m.".
+    assert split_sentences(
+        "There are irregular opacities in the left lung apex, that could represent a cavitary lesion in the left "
+        "lung apex.There are streaky opacities in the right upper lobe, XXXX scarring. 1. Bullous emphysema and "
+        "interstitial fibrosis. 2. Probably scarring in the left apex."
+    ) == [
+        "There are irregular opacities in the left lung apex, that could represent a cavitary lesion in the left lung apex.",
+        "There are streaky opacities in the right upper lobe, XXXX scarring.",
+        "Bullous emphysema and interstitial fibrosis.",
+        "Probably scarring in the left apex.",
+    ]
+    assert split_sentences(
+        "These findings and recommendations were discussed XXXX. XXXX by Dr. XXXX XXXX telephone at XXXX p.m. "
+        "XXXX/XXXX. Tracheostomy tube tip 6.4 cm above the carina. Midline sternotomy XXXX. Enlarged pulmonary arteries."
+    ) == [
+        "These findings and recommendations were discussed XXXX.",
+        "XXXX by Dr. XXXX XXXX telephone at XXXX p.m. XXXX/XXXX.",
+        "Tracheostomy tube tip 6.4 cm above the carina.",
+        "Midline sternotomy XXXX.",
+        "Enlarged pulmonary arteries.",
+    ]
+    assert split_sentences("   ") == []
+
+
+def _write_csv(path, header, rows):
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def _write_reports(tmp_path):
+    source = tmp_path / "reports.csv"
+    _write_csv(
+        source,
+        ["uid", "TEXT"],
+        [
+            ["1", "No pleural effusion or pneumothorax. Mild cardiomegaly."],
+            ["2", "This may represent atelectasis."],
+        ],
+    )
+    return source
+
+
+def _read_rows(path):
+    with path.open(newline="") as handle:
+        return list(csv.reader(handle))
+
+
+def test_cli_report_and_sentence_level(tmp_path):
+    source = _write_reports(tmp_path)
+    target = tmp_path / "out" / "labeled.csv"
+    main(["--input", str(source), "--text_column", "TEXT", "--output", str(target)])
+    rows = _read_rows(target)
+    assert rows[0] == ["Reports", *CHEXPERT_CLASSES]
+    first = dict(zip(rows[0], rows[1]))
+    assert first["Reports"] == "No pleural effusion or pneumothorax. Mild cardiomegaly."
+    assert (first["Cardiomegaly"], first["Pleural Effusion"], first["Pneumothorax"]) == ("1.0", "0.0", "0.0")
+    assert first["No Finding"] == "" and first["Fracture"] == ""
+    second = dict(zip(rows[0], rows[2]))
+    assert second["Atelectasis"] == "-1.0" and second["No Finding"] == ""
+
+    sentence_target = tmp_path / "sentences.csv"
+    main(["--input", str(source), "--text_column", "TEXT", "--output", str(sentence_target), "--level", "sentence",
+          "--uncertain", "positive"])  # fmt: skip
+    rows = _read_rows(sentence_target)
+    assert rows[0] == ["Reports", *CHEXPERT_CLASSES]
+    named = [dict(zip(rows[0], row)) for row in rows[1:]]
+    assert [row["Reports"] for row in named] == [
+        "No pleural effusion or pneumothorax.",
+        "Mild cardiomegaly.",
+        "This may represent atelectasis.",
+    ]
+    assert named[0]["No Finding"] == "1.0" and named[0]["Pneumothorax"] == "0.0"
+    assert named[1]["Cardiomegaly"] == "1.0" and named[2]["Atelectasis"] == "1.0"
+
+
+@pytest.mark.slow  # the subprocess imports the whole package (transformers, torch)
+def test_cli_subprocess(tmp_path):
+    source = _write_reports(tmp_path)
+    target = tmp_path / "labeled.csv"
+    command = [sys.executable, "-m", "modeling_medclip.labeler", "--input", str(source), "--text_column", "TEXT"]
+    result = subprocess.run(
+        [*command, "--output", str(target)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    rows = _read_rows(target)
+    assert rows[0] == ["Reports", *CHEXPERT_CLASSES]
+    assert rows[1] == ["No pleural effusion or pneumothorax. Mild cardiomegaly.", "", "", "1.0", "", "", "", "", "",
+                       "", "0.0", "0.0", "", "", ""]  # fmt: skip
+    result = subprocess.run(
+        [*command[:-1], "MISSING", "--output", str(target)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode != 0 and "'MISSING'" in result.stderr and "reports.csv" in result.stderr
+
+
+def test_cli_missing_column_and_empty_text(tmp_path):
+    source = tmp_path / "reports.csv"
+    _write_csv(source, ["uid", "findings"], [["1", "Mild cardiomegaly."], ["2", ""]])
+    with pytest.raises(ValueError, match=r"'TEXT'.*reports\.csv"):
+        main(["--input", str(source), "--text_column", "TEXT", "--output", str(tmp_path / "x.csv")])
+    with pytest.raises(ValueError, match="line 3.*empty"):
+        main(["--input", str(source), "--text_column", "findings", "--output", str(tmp_path / "x.csv")])
+    main(["--input", str(source), "--text_column", "findings", "--output", str(tmp_path / "x.csv"), "--skip_empty"])
+    with (tmp_path / "x.csv").open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[2] == ["", *[""] * 14]
+
+
+def test_add_label_column(labeler):
+    datasets = pytest.importorskip("datasets")
+    texts = ["No pneumothorax. Mild cardiomegaly.", "Cannot exclude small pleural effusions."]
+    dataset = datasets.Dataset.from_dict({"report": texts})
+    labelled = add_label_column(dataset, text_column="report", uncertain="negative", labeler=labeler)
+    assert labelled["labels"] == [labeler.label_vector(text, uncertain="negative") for text in texts]
+    streamed = add_label_column(dataset.to_iterable_dataset(), text_column="report", column="y", labeler=labeler)
+    assert [row["y"] for row in streamed] == [labeler.label_vector(text) for text in texts]
+    with pytest.raises(ValueError, match="'text'"):
+        add_label_column(dataset)
+
+
+def test_phrase_files_are_validated(tmp_path):
+    for name in ("mentions", "negation", "uncertainty"):
+        (tmp_path / f"{name}.txt").write_text((REPO_ROOT / "modeling_medclip" / "labeler_phrases" / f"{name}.txt").read_text())
+    with (tmp_path / "mentions.txt").open("a") as handle:
+        handle.write("\n[Cardiomegally]\nbig heart\n")
+    with pytest.raises(ValueError, match="Cardiomegally"):
+        CheXpertLabeler(phrases_dir=tmp_path)
+
+
+def test_f1_against_mesh_on_iu_reports(iu_reports_dir, labeler):
+    """Positive-mention F1 against the MeSH-derived labels over all indexed IU reports with text."""
+    with (iu_reports_dir / "reports.csv").open(newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["text"].strip() and row["mesh_cardiomegaly"] != ""]
+    assert len(rows) > 3000
+    predicted = [labeler.label_report(row["text"]) for row in rows]
+    floors = {"Cardiomegaly": 0.8, "Pleural Effusion": 0.8, "Atelectasis": 0.8, "Lung Opacity": 0.8, "Edema": 0.7}
+    for name, floor in floors.items():
+        column = "mesh_" + name.lower().replace(" ", "_")
+        truth = [int(row[column]) for row in rows]
+        guess = [int(labels[name] == 1.0) for labels in predicted]
+        f1 = f1_score(truth, guess)
+        assert f1 > floor, f"{name}: F1 {f1:.3f} <= {floor}"
