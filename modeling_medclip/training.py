@@ -58,6 +58,8 @@ from transformers import (
     get_cosine_schedule_with_warmup,
 )
 
+from dataset_scripts.covid_cxr import COVID_CXR_CLASSES
+
 from .checkpointing import (
     read_checkpoint,
     resolve_checkpoint,
@@ -145,6 +147,11 @@ class ModelArguments:
     num_frozen_text_layers: int | None = field(
         default=None, metadata={"help": "Freeze the text embeddings and this many layers (ConVIRT default: 6)."}
     )
+    label_similarity_scale: float | None = field(
+        default=None,
+        metadata={"help": "Semantic loss: scale of the label similarity before the target softmax (MedCLIP: 1.0; "
+                  "larger values give sharper soft targets)."},
+    )
     image_size: int = field(default=224, metadata={"help": "Side of the square training and evaluation images."})
     max_length: int = field(default=77, metadata={"help": "Texts are truncated to this many tokens."})
 
@@ -190,6 +197,12 @@ class DataArguments:
     )
     max_eval_samples: int | None = field(default=None, metadata={"help": "Validate on at most this many pairs."})
     shuffle_buffer_size: int = field(default=256, metadata={"help": "Examples in the streaming shuffle buffer."})
+    image_labels: Literal["report", "report+class"] = field(
+        default="report",
+        metadata={"help": "Label vectors of the training images: the labeler's labels of their note (`report`), or "
+                  "those corrected by the image's covid-cxr class (`report+class`: COVID-19 and other pneumonia are "
+                  "Pneumonia, no finding is No Finding), as MedCLIP uses its image datasets' own labels."},
+    )
     uncertain: Literal["positive", "negative", "ignore"] = field(
         default="positive", metadata={"help": "How the labeler maps uncertain findings in label vectors."}
     )
@@ -483,7 +496,7 @@ def build_model_and_processor(model_args: ModelArguments) -> tuple[DualEncoderMo
     config_class, model_class = MODEL_CLASSES[model_args.model_type]
     overrides = {
         name: getattr(model_args, name)
-        for name in ("projection_dim", "loss_type", "text_pooling", "num_frozen_text_layers")
+        for name in ("projection_dim", "loss_type", "text_pooling", "num_frozen_text_layers", "label_similarity_scale")
         if getattr(model_args, name) is not None
     }
     if model_args.model_name_or_path:
@@ -603,20 +616,33 @@ class SeededCollate:
             return self.collator(batch)
 
 
-def _report_labelled(dataset, uncertain: str):
-    """`dataset` with `labels` replaced by the 14 CheXpert labels of its `text` (a report or clinical note)."""
+def _report_labelled(dataset, uncertain: str, with_class: bool = False):
+    """`dataset` with `labels` replaced by the 14 CheXpert labels of its `text` (a report or clinical note).
+
+    With `with_class`, the covid-cxr class of the image (`labels` over `COVID_CXR_CLASSES`) is folded in: COVID-19
+    and other pneumonia set Pneumonia and clear No Finding; No Finding keeps only No Finding and Support Devices.
+    """
     from datasets import List, Value
 
-    from .labeler import CheXpertLabeler
+    from .labeler import CHEXPERT_CLASSES, CheXpertLabeler
 
     labeler = CheXpertLabeler()
+    pneumonia, no_finding = CHEXPERT_CLASSES.index("Pneumonia"), CHEXPERT_CLASSES.index("No Finding")
+    support_devices = CHEXPERT_CLASSES.index("Support Devices")
+
+    def label(example: dict) -> dict:
+        vector = labeler.label_vector(example["text"], uncertain=uncertain)
+        if with_class:
+            if COVID_CXR_CLASSES[example["labels"]] == "No Finding":
+                vector = [value if i in (no_finding, support_devices) else 0.0 for i, value in enumerate(vector)]
+                vector[no_finding] = 1.0
+            else:
+                vector[pneumonia], vector[no_finding] = 1.0, 0.0
+        return {"labels": vector}
+
     features = dataset.features.copy()
-    features["labels"] = List(Value("float32"), length=14)
-    return dataset.map(
-        lambda example: {"labels": labeler.label_vector(example["text"], uncertain=uncertain)},
-        remove_columns=["labels"],
-        features=features,
-    )
+    features["labels"] = List(Value("float32"), length=len(CHEXPERT_CLASSES))
+    return dataset.map(label, remove_columns=["labels"], features=features)
 
 
 def _resolve_batching(data_args: DataArguments, config) -> str:
@@ -642,7 +668,7 @@ def build_train_stream(args: PretrainArguments, config, rank: int, world_size: i
         require_text=True,
         num_shards=num_shards,
     )
-    images = _report_labelled(images, data_args.uncertain)
+    images = _report_labelled(images, data_args.uncertain, with_class=data_args.image_labels == "report+class")
     common = {
         "seed": training_args.seed,
         "shuffle_buffer_size": data_args.shuffle_buffer_size,
@@ -687,7 +713,7 @@ def build_eval_batches(args: PretrainArguments, processor: MedCLIPProcessor) -> 
     if data_args.max_eval_samples:
         images = images.take(data_args.max_eval_samples)
     stream = PairedBatches(
-        _report_labelled(images, data_args.uncertain),
+        _report_labelled(images, data_args.uncertain, with_class=data_args.image_labels == "report+class"),
         batch_size=training_args.per_device_eval_batch_size,
         seed=training_args.seed,
         drop_last=False,

@@ -323,3 +323,28 @@ def test_run_pretrain_tiny_end_to_end(tmp_path, shared_data):
         assert type(model).__name__ == "MedCLIPModel"
         assert processor.image_processor.crop_size["height"] == PRESETS["tiny"]["image_size"]
     assert (output_dir / "final" / "README.md").read_text().startswith("---")
+
+
+def test_image_label_vectors_from_the_note_or_corrected_by_the_class(covid_cxr_dir):
+    from dataset_scripts.covid_cxr import COVID_CXR_CLASSES, build_covid_cxr
+    from modeling_medclip.labeler import CHEXPERT_CLASSES, CheXpertLabeler
+    from modeling_medclip.training import _report_labelled
+
+    examples = list(build_covid_cxr(covid_cxr_dir, require_text=True))
+    from_note = list(_report_labelled(build_covid_cxr(covid_cxr_dir, require_text=True), "positive"))
+    with_class = list(_report_labelled(build_covid_cxr(covid_cxr_dir, require_text=True), "positive", with_class=True))
+    labeler = CheXpertLabeler()
+    pneumonia, no_finding = CHEXPERT_CLASSES.index("Pneumonia"), CHEXPERT_CLASSES.index("No Finding")
+    seen = set()
+    for example, note, corrected in zip(examples, from_note, with_class):
+        assert note["labels"] == labeler.label_vector(example["text"], uncertain="positive")
+        name = COVID_CXR_CLASSES[example["labels"]]
+        seen.add(name)
+        if name == "No Finding":
+            assert corrected["labels"][no_finding] == 1.0 and corrected["labels"][pneumonia] == 0.0
+        else:
+            assert corrected["labels"][pneumonia] == 1.0 and corrected["labels"][no_finding] == 0.0
+            # the note's other findings are kept
+            others = [i for i in range(len(CHEXPERT_CLASSES)) if i not in (pneumonia, no_finding)]
+            assert [corrected["labels"][i] for i in others] == [note["labels"][i] for i in others]
+    assert seen == set(COVID_CXR_CLASSES)
