@@ -175,6 +175,25 @@ class DualEncoderModel(DualEncoderPreTrainedModel):
         model = cls(config, vision_model=vision_model, text_model=text_model)
         return model
 
+    def enable_input_require_grads(self):
+        """Makes the outputs of both towers' input embeddings require grad (activation checkpointing, PEFT).
+
+        transformers' version calls `requires_grad_` on each embedding output, which fails for vision towers whose
+        patch embeddings return a tuple (Swin: `(embeddings, output_dimensions)`); here the tensor is its first item.
+        """
+
+        def make_inputs_require_grads(module, inputs, output):
+            (output[0] if isinstance(output, tuple) else output).requires_grad_(True)
+
+        self._require_grads_hooks = []
+        for tower in (self.vision_model, self.text_model):
+            try:
+                embeddings = tower.get_input_embeddings()
+            except NotImplementedError:  # ResNet and other towers without input embeddings
+                continue
+            if embeddings is not None:
+                self._require_grads_hooks.append(embeddings.register_forward_hook(make_inputs_require_grads))
+
     def get_logit_scale(self) -> torch.Tensor:
         """`exp(logit_scale)` clamped to `[1, config.max_logit_scale]`, computed without touching the parameter."""
         return self.logit_scale.clamp(0.0, math.log(self.config.max_logit_scale)).exp()

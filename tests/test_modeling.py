@@ -253,7 +253,7 @@ def test_from_vision_text_pretrained_loads_both_towers(tmp_path):
     assert model.text_model.encoder.layer[1].attention.self.query.weight.requires_grad
 
 
-@pytest.mark.parametrize("vision", ["vit", "resnet"])
+@pytest.mark.parametrize("vision", ["vit", "resnet", "swin"])
 def test_gradient_checkpointing_gives_the_same_gradients(vision):
     def gradients(checkpointing):
         model = _model(vision=vision).train()
