@@ -17,6 +17,8 @@ class gets the same prompts in every task that contains it.
 import itertools
 import random
 
+from .labeler import CHEXPERT_CLASSES as LABELER_CLASSES
+
 # Every class: "severity", "subtype" and "location" word groups whose Cartesian product gives the positive prompts
 # (an empty string leaves that slot out), and "absent": phrases naming the finding, negated by `NEGATION_CUES` to
 # give the negative prompts. Classes whose negation is not "no <finding>" ("No Finding", "Normal") list full
@@ -223,22 +225,7 @@ NEGATION_CUES: list[str] = [
 ]
 
 CHEXPERT_COMPETITION_CLASSES = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
-CHEXPERT_CLASSES = [
-    "No Finding",
-    "Enlarged Cardiomediastinum",
-    "Cardiomegaly",
-    "Lung Lesion",
-    "Lung Opacity",
-    "Edema",
-    "Consolidation",
-    "Pneumonia",
-    "Atelectasis",
-    "Pneumothorax",
-    "Pleural Effusion",
-    "Pleural Other",
-    "Fracture",
-    "Support Devices",
-]
+CHEXPERT_CLASSES = list(LABELER_CLASSES)  # the 14 observations, in CheXpert's order
 
 # The classes of every task, in the order of the returned dicts.
 TASK_CLASSES: dict[str, list[str]] = {

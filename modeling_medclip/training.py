@@ -302,6 +302,18 @@ class PretrainArguments:
 
 # Presets: overrides of the dataclass defaults, by field name. `cpu-demo` is what `python run_pretrain.py` runs.
 _PAPER_TOWERS = {"text_model_name_or_path": "emilyalsentzer/Bio_ClinicalBERT"}
+# MedCLIP (Wang et al. 2022): decoupled batches of 100, lr 5e-5, weight decay 1e-4, 10 epochs, warmup.
+_MEDCLIP_PAPER = {
+    **_PAPER_TOWERS,
+    "model_type": "medclip",
+    "batching": "decoupled",
+    "augmentation": "medclip",
+    "per_device_train_batch_size": 100,
+    "learning_rate": 5e-5,
+    "weight_decay": 1e-4,
+    "num_train_epochs": 10,
+    "warmup_steps": 100,
+}
 PRESETS: dict[str, dict[str, Any]] = {
     # ConVIRT (Zhang et al. 2020): ResNet-50 + ClinicalBERT, paired batches of 32, Adam 1e-4, weight decay 1e-6.
     "convirt": {
@@ -317,31 +329,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lr_scheduler_type": "constant",
         "output_dir": "outputs/convirt",
     },
-    # MedCLIP (Wang et al. 2022): decoupled batches of 100, lr 5e-5, weight decay 1e-4, 10 epochs, warmup.
+    # MedCLIP with either of its paper's vision towers.
     "medclip-resnet": {
-        **_PAPER_TOWERS,
-        "model_type": "medclip",
+        **_MEDCLIP_PAPER,
         "vision_model_name_or_path": "microsoft/resnet-50",
-        "batching": "decoupled",
-        "augmentation": "medclip",
-        "per_device_train_batch_size": 100,
-        "learning_rate": 5e-5,
-        "weight_decay": 1e-4,
-        "num_train_epochs": 10,
-        "warmup_steps": 100,
         "output_dir": "outputs/medclip-resnet",
     },
     "medclip-swin": {
-        **_PAPER_TOWERS,
-        "model_type": "medclip",
+        **_MEDCLIP_PAPER,
         "vision_model_name_or_path": "microsoft/swin-tiny-patch4-window7-224",
-        "batching": "decoupled",
-        "augmentation": "medclip",
-        "per_device_train_batch_size": 100,
-        "learning_rate": 5e-5,
-        "weight_decay": 1e-4,
-        "num_train_epochs": 10,
-        "warmup_steps": 100,
         "output_dir": "outputs/medclip-swin",
     },
     # The embedded default: small random towers (a random text tower with the Bio_ClinicalBERT tokenizer measured

@@ -1,6 +1,7 @@
 """Zero-shot classification, prompt sets, the stock zero-shot pipeline and exported zero-shot heads."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -30,7 +31,6 @@ from modeling_medclip.prompts import (
 )
 from modeling_medclip.zero_shot import ZeroShotClassifier, build_zero_shot_head, export_zero_shot_head
 
-PROMPTS_FILE = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "modeling_medclip" / "prompts.py")
 
 
 def tiny_towers():
@@ -240,14 +240,12 @@ def test_export_picks_the_convirt_class(processor, images):
 
 def _prompts_in_fresh_process(hash_seed: str) -> dict:
     code = (
-        "import importlib.util, json, sys\n"
-        "spec = importlib.util.spec_from_file_location('prompts', sys.argv[1])\n"
-        "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
-        "print(json.dumps([module.generate_prompts('chexpert14', 5, 3), module.multilabel_prompts('covid', 4, 3)]))"
+        "import json\n"
+        "from modeling_medclip.prompts import generate_prompts, multilabel_prompts\n"
+        "print(json.dumps([generate_prompts('chexpert14', 5, 3), multilabel_prompts('covid', 4, 3)]))"
     )
-    env = {"PYTHONHASHSEED": hash_seed, "PATH": ""}
-    result = subprocess.run([sys.executable, "-c", code, PROMPTS_FILE], capture_output=True, text=True, env=env,
-                            check=True)
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     return json.loads(result.stdout)
 
 
