@@ -88,6 +88,14 @@ class XRayAugmentation:
     The original MedCLIP recipe resizes to 256 after the flip, jitter and affine; these commute with the resize (up
     to interpolation), so it is done first, which makes them 2-3x cheaper on full-resolution X-rays.
 
+    Implementation: the geometric steps (resize or resized crop, flip, affine, final crop or resize) are composed into
+    one bilinear `Image.transform` from the padded input straight to `size` x `size` (after an integer box `reduce` of
+    the input when it is at least 2x larger, as bilinear sampling does not low-pass), so the image is resampled once.
+    The pixels outside the resized crop (or outside the input) come out black, as the affine's fill. The jitter, a
+    pointwise map, is one lookup table with `PIL.ImageEnhance`'s arithmetic, applied to the input before the transform
+    (`color_before_affine`; its mean gray level is then that of the input rather than of the resized image) or to the
+    output after it. Without flip and affine, the plain resize / resized crop of the order above is used instead.
+
     Args:
         image_processor ([`MedCLIPImageProcessor`]): supplies decoding, padding and normalization.
         size (`int`): output height and width.
@@ -192,17 +200,14 @@ class XRayAugmentation:
 
     def apply(self, image: PIL.Image.Image, parameters: AugmentationParameters) -> PIL.Image.Image:
         """Apply the operations with the given `parameters` to a padded grayscale PIL image; returns `size` x `size`."""
+        if parameters.flip or not _is_identity_affine(parameters):
+            return self._apply_fused(image, parameters)
+        # No flip and no affine: the geometry is one plain resize (and crop), done as in the unfused order.
         if parameters.crop_box is not None:
             image = image.resize((self.size, self.size), PIL.Image.Resampling.BICUBIC, box=parameters.crop_box)
         elif self.resize_size is not None:
             image = image.resize((self.resize_size, self.resize_size), PIL.Image.Resampling.BILINEAR)
-        if parameters.flip:
-            image = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
-        if self.color_before_affine:
-            image = _jitter(image, parameters)
-        image = _affine(image, parameters.angle, parameters.translate, parameters.scale)
-        if not self.color_before_affine:
-            image = _jitter(image, parameters)
+        image = _jitter(image, parameters)
         if parameters.blur_sigma is not None:
             image = image.filter(PIL.ImageFilter.GaussianBlur(parameters.blur_sigma))
         if parameters.crop_offset is not None:
@@ -210,6 +215,54 @@ class XRayAugmentation:
             image = image.crop((left, top, left + self.size, top + self.size))
         elif image.size != (self.size, self.size):
             image = image.resize((self.size, self.size), PIL.Image.Resampling.BICUBIC)
+        return image
+
+    def _apply_fused(self, image: PIL.Image.Image, parameters: AugmentationParameters) -> PIL.Image.Image:
+        """Resize / resized crop, flip, affine and final crop (or resize) as one bilinear `Image.transform`."""
+        width, height = image.size
+        # Size of the image the flip and the affine act on ("work" resolution), and the map from its (continuous)
+        # pixel coordinates to the input's.
+        if parameters.crop_box is not None:
+            # Cropped first, so that the affine reveals black fill beyond the crop, not the rest of the input.
+            image = image.crop(parameters.crop_box)
+            work_width = work_height = self.size
+            to_input = _affine_matrix(image.width / self.size, 0.0, 0.0, 0.0, image.height / self.size, 0.0)
+        elif self.resize_size is not None:
+            work_width = work_height = self.resize_size
+            to_input = _affine_matrix(width / work_width, 0.0, 0.0, 0.0, height / work_height, 0.0)
+        else:
+            work_width, work_height = width, height
+            to_input = np.eye(3)
+        if parameters.flip:
+            to_input = to_input @ _affine_matrix(-1.0, 0.0, work_width, 0.0, 1.0, 0.0)
+        to_input = to_input @ _affine_inverse(
+            work_width, work_height, parameters.angle, parameters.translate, parameters.scale
+        )
+        if parameters.crop_offset is not None:
+            offset_x, offset_y = parameters.crop_offset
+            to_input = to_input @ _affine_matrix(1.0, 0.0, offset_x, 0.0, 1.0, offset_y)
+        else:
+            to_input = to_input @ _affine_matrix(work_width / self.size, 0.0, 0.0, 0.0, work_height / self.size, 0.0)
+
+        # Bilinear sampling does not low-pass: shrink by the integer part of the zoom-out first (box filter).
+        factor = int(math.sqrt(abs(np.linalg.det(to_input[:2, :2]))))
+        if factor >= 2:
+            image = image.reduce(factor)
+            to_input = _affine_matrix(1.0 / factor, 0.0, 0.0, 0.0, 1.0 / factor, 0.0) @ to_input
+        if self.color_before_affine:
+            # Pointwise, so it commutes with the resize and the flip; before the transform the fill stays black.
+            image = _jitter(image, parameters)
+        image = image.transform(
+            (self.size, self.size),
+            PIL.Image.Transform.AFFINE,
+            tuple(to_input[:2].ravel()),
+            PIL.Image.Resampling.BILINEAR,
+            fillcolor=0,
+        )
+        if not self.color_before_affine:
+            image = _jitter(image, parameters)
+        if parameters.blur_sigma is not None:
+            image = image.filter(PIL.ImageFilter.GaussianBlur(parameters.blur_sigma))
         return image
 
     def __call__(self, image: Any, generator: torch.Generator | None = None, seed: int | None = None) -> torch.Tensor:
@@ -323,39 +376,58 @@ def _resolve_generator(generator: torch.Generator | None, seed: int | None) -> t
     return torch.Generator().manual_seed(seed)
 
 
+def _is_identity_affine(parameters: AugmentationParameters) -> bool:
+    return parameters.angle == 0.0 and tuple(parameters.translate) == (0.0, 0.0) and parameters.scale == 1.0
+
+
 def _jitter(image: PIL.Image.Image, parameters: AugmentationParameters) -> PIL.Image.Image:
-    """Brightness (blend with black) and contrast (blend with the mean gray level) changes, in random order."""
+    """
+    Brightness (blend with black) and contrast (blend with the mean gray level) changes, in random order.
+
+    Both are pointwise, so they are applied as one lookup table, computed exactly as `PIL.ImageEnhance.Brightness` and
+    `PIL.ImageEnhance.Contrast` would (same mean, same float32 blend, truncation and clipping).
+    """
     operations = []
     if parameters.brightness is not None:
-        operations.append(lambda img: PIL.ImageEnhance.Brightness(img).enhance(parameters.brightness))
+        operations.append(("brightness", parameters.brightness))
     if parameters.contrast is not None:
-        operations.append(lambda img: PIL.ImageEnhance.Contrast(img).enhance(parameters.contrast))
+        operations.append(("contrast", parameters.contrast))
+    if not operations:
+        return image
     if not parameters.brightness_first:
         operations.reverse()
-    for operation in operations:
-        image = operation(image)
-    return image
+    levels = np.arange(256, dtype=np.float32)
+    histogram = None
+    for name, factor in operations:
+        if name == "brightness":
+            degenerate = np.float32(0.0)
+        else:
+            if histogram is None:
+                histogram = np.asarray(image.histogram(), dtype=np.float64)
+            # ImageStat's mean of the image as changed so far: the histogram pushed through the table.
+            counts = np.bincount(levels.astype(np.int64), weights=histogram, minlength=256)
+            mean = (np.arange(256) * counts).sum() / counts.sum()
+            degenerate = np.float32(int(mean + 0.5))
+        blended = degenerate + np.float32(factor) * (levels - degenerate)
+        levels = np.clip(np.trunc(blended), 0, 255).astype(np.float32)
+    return image.point(levels.astype(np.uint8).tolist())
 
 
-def _affine(
-    image: PIL.Image.Image, angle: float, translate: tuple[float, float], scale: float
-) -> PIL.Image.Image:
-    """Rotate (degrees, counter-clockwise) and zoom about the center, then shift; the border is filled with black."""
-    if angle == 0.0 and translate == (0.0, 0.0) and scale == 1.0:
-        return image
-    width, height = image.size
+def _affine_matrix(a: float, b: float, c: float, d: float, e: float, f: float) -> np.ndarray:
+    return np.array([[a, b, c], [d, e, f], [0.0, 0.0, 1.0]])
+
+
+def _affine_inverse(width: int, height: int, angle: float, translate: tuple[float, float], scale: float) -> np.ndarray:
+    """
+    Map from output to input (continuous) pixel coordinates of the affine on a `width` x `height` image: rotate
+    (degrees, counter-clockwise) and zoom about the center, then shift by `translate` times the width / height.
+    """
     center_x, center_y = width * 0.5, height * 0.5
-    shift_x, shift_y = translate[0] * width, translate[1] * height
-    # PIL maps each output pixel (x, y) to the input pixel (a x + b y + c, d x + e y + f): the inverse transform.
     radians = math.radians(angle)
     cos, sin = math.cos(radians) / scale, math.sin(radians) / scale
     a, b, d, e = cos, -sin, sin, cos
-    out_x, out_y = center_x + shift_x, center_y + shift_y
-    c = center_x - a * out_x - b * out_y
-    f = center_y - d * out_x - e * out_y
-    return image.transform(
-        image.size, PIL.Image.Transform.AFFINE, (a, b, c, d, e, f), PIL.Image.Resampling.BILINEAR, fillcolor=0
-    )
+    out_x, out_y = center_x + translate[0] * width, center_y + translate[1] * height
+    return _affine_matrix(a, b, center_x - a * out_x - b * out_y, d, e, center_y - d * out_x - e * out_y)
 
 
 __all__ = ["AUGMENTATIONS", "AugmentationParameters", "EvalTransform", "XRayAugmentation", "build_augmentation"]
