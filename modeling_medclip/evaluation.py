@@ -186,6 +186,7 @@ def write_model_card(
     results: dict[str, float] | None = None,
     *,
     repo_id: str | None = None,
+    model_name: str | None = None,
     dataset_name: str = "covid-cxr",
     results_table: str | None = None,
     training_summary: str | None = None,
@@ -194,7 +195,8 @@ def write_model_card(
     template_path: str | os.PathLike = MODEL_CARD_TEMPLATE,
 ) -> Path:
     """Fills `model_card.md` (a Jinja template read by `huggingface_hub.ModelCard.from_template`) into
-    `output_dir/README.md`, with the results as Hub `model-index` metadata."""
+    `output_dir/README.md`, with the results as Hub `model-index` metadata. The model is named `model_name`, else
+    after `repo_id`, else after `output_dir`."""
     config = model.config
     architecture = {"medclip": "MedCLIP", "convirt": "ConVIRT"}.get(config.model_type, config.model_type)
     eval_results = [
@@ -208,7 +210,7 @@ def write_model_card(
         for name, value in (results or {}).items()
         if isinstance(value, float) and not math.isnan(value)
     ]
-    model_name = repo_id.split("/")[-1] if repo_id else Path(output_dir).name
+    model_name = model_name or (repo_id.split("/")[-1] if repo_id else Path(output_dir).name)
     card_data = ModelCardData(
         license="apache-2.0",
         library_name="transformers",

@@ -1088,6 +1088,7 @@ def _write_model_card(args: PretrainArguments, model: DualEncoderModel, result: 
         model,
         {name: value for name, value in result.metrics.items() if name.startswith("eval_")},
         repo_id=args.training.hub_model_id,
+        model_name=None if args.training.hub_model_id else Path(args.training.output_dir).name,
         dataset_name=data_args.image_dataset,
         results_table=results_table(result),
         training_summary=summary,

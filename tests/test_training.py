@@ -322,7 +322,9 @@ def test_run_pretrain_tiny_end_to_end(tmp_path, shared_data):
         processor = AutoProcessor.from_pretrained(folder)
         assert type(model).__name__ == "MedCLIPModel"
         assert processor.image_processor.crop_size["height"] == PRESETS["tiny"]["image_size"]
-    assert (output_dir / "final" / "README.md").read_text().startswith("---")
+    card = (output_dir / "final" / "README.md").read_text()
+    assert card.startswith("---") and "\n# run\n" in card  # named after the run's output folder
+    assert "| metric | before training | after 4 steps |" in card
 
 
 def test_image_label_vectors_from_the_note_or_corrected_by_the_class(covid_cxr_dir):
