@@ -85,6 +85,18 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _replace_folder(tmp: Path, folder: Path) -> None:
+    """Moves the complete folder `tmp` to `folder` with renames only; an existing `folder` is swapped out first."""
+    if folder.exists():
+        stale = folder.parent / f".{folder.name}.stale"
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(folder, stale)
+        os.replace(tmp, folder)
+        shutil.rmtree(stale)
+    else:
+        os.replace(tmp, folder)
+
+
 def _write_json(path: Path, content: dict) -> None:
     path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
 
@@ -141,14 +153,7 @@ def write_checkpoint(
     if accelerator.is_main_process:
         # written last: a folder without trainer_state.json is never taken for a checkpoint
         _write_json(tmp / TRAINER_STATE_NAME, {**trainer_state, "num_processes": accelerator.num_processes})
-        if final.exists():  # the same step saved again (e.g. re-run after a resume): swap it out
-            stale = output_dir / f".{final.name}.stale"
-            shutil.rmtree(stale, ignore_errors=True)
-            os.replace(final, stale)
-            os.replace(tmp, final)
-            shutil.rmtree(stale)
-        else:
-            os.replace(tmp, final)
+        _replace_folder(tmp, final)  # the same step saved again (e.g. re-run after a resume) is swapped out
     accelerator.wait_for_everyone()
     return final
 
@@ -196,14 +201,7 @@ def save_pretrained_atomic(folder: str | os.PathLike, model, processor=None, ext
         processor.save_pretrained(tmp)
     for name, content in (extra_json or {}).items():
         _write_json(tmp / name, content)
-    if folder.exists():
-        stale = folder.parent / f".{folder.name}.stale"
-        shutil.rmtree(stale, ignore_errors=True)
-        os.replace(folder, stale)
-        os.replace(tmp, folder)
-        shutil.rmtree(stale)
-    else:
-        os.replace(tmp, folder)
+    _replace_folder(tmp, folder)
     return folder
 
 

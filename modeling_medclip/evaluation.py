@@ -146,8 +146,6 @@ def evaluate_split(
 def covid_cxr_split(root: str | os.PathLike, split: str = "test", test_size: float = 0.2, seed: int = 0):
     """The patient-disjoint `split` of the COVID-19 collection (`shared/data/covid-cxr/` layout) as an
     [`EvaluationSplit`] over COVID-19 / other pneumonia / no finding, with the clinical notes as texts."""
-    from dataset_scripts.covid_cxr import COVID_CXR_CLASSES, build_covid_cxr
-
     examples = list(build_covid_cxr(root, split=split, test_size=test_size, seed=seed))
     return EvaluationSplit(
         images=[example["image"] for example in examples],

@@ -169,11 +169,20 @@ class DualEncoderModel(DualEncoderPreTrainedModel):
         text_kwargs = {k[len("text_") :]: kwargs.pop(k) for k in list(kwargs) if k.startswith("text_")}
         vision_model = AutoModel.from_pretrained(vision_name_or_path, **vision_kwargs)
         text_model = AutoModel.from_pretrained(text_name_or_path, **text_kwargs)
+        return cls.from_vision_text_models(vision_model, text_model, **kwargs)
+
+    @classmethod
+    def from_vision_text_models(cls, vision_model: PreTrainedModel, text_model: PreTrainedModel, **kwargs):
+        """Builds a dual encoder around two tower instances (pretrained or not), with freshly initialised heads.
+
+        Args:
+            vision_model, text_model: `AutoModel` instances of any vision / text architecture.
+            kwargs: arguments of the model config (`projection_dim=...`, `text_pooling=...`).
+        """
         if getattr(text_model, "pooler", None) is not None:
             text_model.pooler = None  # never used by the dual encoder (see `_text_tower_from_config`)
         config = cls.config_class.from_vision_text_configs(vision_model.config, text_model.config, **kwargs)
-        model = cls(config, vision_model=vision_model, text_model=text_model)
-        return model
+        return cls(config, vision_model=vision_model, text_model=text_model)
 
     def enable_input_require_grads(self):
         """Makes the outputs of both towers' input embeddings require grad (activation checkpointing, PEFT).

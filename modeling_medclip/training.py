@@ -514,10 +514,7 @@ def build_model_and_processor(model_args: ModelArguments) -> tuple[DualEncoderMo
         else:
             vision_model = AutoModel.from_config(_named_tower_config(model_args.vision_config, model_args.image_size))
             text_model = AutoModel.from_pretrained(model_args.text_model_name_or_path)
-        if getattr(text_model, "pooler", None) is not None:
-            text_model.pooler = None  # never used by the dual encoder
-        config = config_class.from_vision_text_configs(vision_model.config, text_model.config, **overrides)
-        model = model_class(config, vision_model=vision_model, text_model=text_model)
+        model = model_class.from_vision_text_models(vision_model, text_model, **overrides)
     else:
         config = config_class(
             vision_config=_named_tower_config(model_args.vision_config, model_args.image_size).to_dict(),

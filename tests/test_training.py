@@ -350,3 +350,23 @@ def test_image_label_vectors_from_the_note_or_corrected_by_the_class(covid_cxr_d
             others = [i for i in range(len(CHEXPERT_CLASSES)) if i not in (pneumonia, no_finding)]
             assert [corrected["labels"][i] for i in others] == [note["labels"][i] for i in others]
     assert seen == set(COVID_CXR_CLASSES)
+
+
+def test_one_pretrained_tower_and_one_from_a_named_config(tmp_path, tokenizer_dir):
+    from transformers import BertConfig, BertModel
+
+    from modeling_medclip.training import ModelArguments, build_model_and_processor
+
+    torch.manual_seed(0)
+    text = BertModel(BertConfig(vocab_size=28996, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=37))  # fmt: skip
+    text.save_pretrained(tmp_path / "text")
+    model, _ = build_model_and_processor(
+        ModelArguments(text_model_name_or_path=str(tmp_path / "text"), vision_config="tiny-resnet",
+                       tokenizer_name_or_path=str(tokenizer_dir), image_size=32, projection_dim=8)
+    )  # fmt: skip
+    assert model.config.vision_config.model_type == "resnet" and model.config.projection_dim == 8
+    assert model.text_model.pooler is None
+    torch.testing.assert_close(
+        model.text_model.embeddings.word_embeddings.weight, text.embeddings.word_embeddings.weight
+    )
