@@ -127,6 +127,12 @@ def tokenize(text: str) -> list[str]:
     return _TOKEN_RE.findall(text.lower())
 
 
+def tokenize_with_offsets(text: str) -> tuple[list[str], list[tuple[int, int]]]:
+    """`tokenize` plus each token's ``(start, end)`` character offsets in ``text``."""
+    matches = list(_TOKEN_RE.finditer(text.lower()))
+    return [match.group() for match in matches], [match.span() for match in matches]
+
+
 def read_phrase_file(path: str | Path) -> dict[str, list[str]]:
     """Read a phrase file: ``[section]`` headers, one phrase per line, ``#`` comments and blank lines ignored.
 
@@ -433,7 +439,21 @@ class CheXpertLabeler:
         return POSITIVE
 
     def _label_tokens(self, tokens: list[str]) -> dict[str, float | None]:
+        return self._label_tokens_with_spans(tokens)[0]
+
+    def _label_tokens_with_spans(
+        self, tokens: list[str]
+    ) -> tuple[dict[str, float | None], dict[str, tuple[int, int]]]:
+        """Labels of one sentence's tokens, and for each mentioned observation the token span ``[start, end)`` of
+        the mention that decided its label (the first mention with the winning label)."""
         labels: dict[str, float | None] = dict.fromkeys(_FINDING_CLASSES)
+        spans: dict[str, tuple[int, int]] = {}
+
+        def record(names: list[str], label: float, span: tuple[int, int]) -> None:
+            for name in names:
+                if _PRIORITY[label] > _PRIORITY[labels[name]]:
+                    labels[name], spans[name] = label, span
+
         mentions = self._mentions.find(tokens)
         if mentions:
             triggers = [_Trigger(start, end, kinds) for start, end, kinds in self._triggers.find(tokens)]
@@ -444,9 +464,7 @@ class CheXpertLabeler:
                 plain = [tag[0] for tag in tags if tag is not None and not tag[1]]
                 attributes = [tag[0] for tag in tags if tag is not None and tag[1]]
                 if plain:
-                    label = self._classify(tokens, breaks, triggers, start, end)
-                    for name in plain:
-                        labels[name] = _merge(labels[name], label)
+                    record(plain, self._classify(tokens, breaks, triggers, start, end), (start, end))
                 if attributes:
                     if qualifiers is None:
                         qualifiers = self._qualifiers.find(tokens)
@@ -460,9 +478,8 @@ class CheXpertLabeler:
                         label = UNCERTAIN
                     else:
                         label = self._classify(tokens, breaks, triggers, span_start, span_end)
-                    for name in attributes:
-                        labels[name] = _merge(labels[name], label)
-        return {"No Finding": _no_finding(labels), **labels}
+                    record(attributes, label, (start, end))
+        return {"No Finding": _no_finding(labels), **labels}, spans
 
     @staticmethod
     def _check_text(text: Any, what: str) -> str:
@@ -508,6 +525,43 @@ class CheXpertLabeler:
                 if name != "No Finding":
                     labels[name] = _merge(labels[name], label)
         return {"No Finding": _no_finding(labels), **labels}
+
+    def label_report_with_evidence(self, text: str) -> dict[str, tuple[float | None, str | None]]:
+        """Label a report as `label_report` does, and give for each observation the text that decided its label.
+
+        Args:
+            text (`str`): the report.
+
+        Returns:
+            `dict[str, tuple[float | None, str | None]]`: for each of the 14 `CHEXPERT_CLASSES`, in order,
+            ``(label, evidence)``: the report-level label (as `label_report`) and the mention, as it is written in
+            the report, that decided it (the first mention with the winning label); ``(None, None)`` when not
+            mentioned. No Finding, derived from the others, has no evidence (``None``).
+
+        Raises:
+            `ValueError`: when ``text`` is not a string or is empty.
+
+        Example:
+
+        ```python
+        >>> CheXpertLabeler().label_report_with_evidence("No pleural effusion. Mild Cardiomegaly.")["Cardiomegaly"]
+        (1.0, 'Cardiomegaly')
+        ```
+        """
+        self._check_text(text, "report text")
+        labels: dict[str, float | None] = dict.fromkeys(_FINDING_CLASSES)
+        evidence: dict[str, str | None] = dict.fromkeys(_FINDING_CLASSES)
+        for sentence in split_sentences(text):
+            tokens, offsets = tokenize_with_offsets(sentence)
+            sentence_labels, spans = self._label_tokens_with_spans(tokens)
+            for name, (start, end) in spans.items():
+                label = sentence_labels[name]
+                if _PRIORITY[label] > _PRIORITY[labels[name]]:
+                    labels[name] = label
+                    evidence[name] = sentence[offsets[start][0] : offsets[end - 1][1]]
+        result = {"No Finding": (_no_finding(labels), None)}
+        result.update((name, (labels[name], evidence[name])) for name in _FINDING_CLASSES)
+        return result
 
     def label_sentences(self, text: str) -> list[tuple[str, dict[str, float | None]]]:
         """Split a report with `split_sentences` and label each sentence: ``[(sentence, labels), ...]``."""
