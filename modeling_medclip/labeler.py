@@ -43,6 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from sklearn.metrics import f1_score
+
 
 CHEXPERT_CLASSES: tuple[str, ...] = (
     "No Finding",
@@ -693,6 +696,53 @@ def add_label_column(
         return {column: [labeler.label_vector(text, uncertain=uncertain, level=level) for text in batch[text_column]]}
 
     return dataset.map(label_batch, batched=True, batch_size=batch_size)
+
+
+def read_labeled_csv(path: str | Path) -> list[tuple[str, dict[str, float | None]]]:
+    """Read a CSV in the CheXpert labeler's output format (``Reports`` then the 14 observations, ``1.0`` / ``0.0`` /
+    ``-1.0`` / empty) as it is scored: texts shorter than 4 characters are dropped and each distinct text is kept
+    once (its first row).
+
+    Returns:
+        `list[tuple[str, dict[str, float | None]]]`: ``(text, labels)`` pairs, labels keyed as `CHEXPERT_CLASSES`.
+    """
+    path = Path(path)
+    with path.open(newline="", encoding="utf-8-sig") as source:
+        reader = csv.DictReader(source)
+        missing = [name for name in ("Reports", *CHEXPERT_CLASSES) if name not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path} is not in the CheXpert labeler's format: columns {missing} are missing")
+        rows, seen = [], set()
+        for row in reader:
+            text = row["Reports"]
+            if len(text) < 4 or text in seen:
+                continue
+            seen.add(text)
+            rows.append((text, {name: float(row[name]) if row[name] else None for name in CHEXPERT_CLASSES}))
+    return rows
+
+
+def agreement_f1(
+    reference: Sequence[dict[str, float | None]], predicted: Sequence[dict[str, float | None]]
+) -> dict[float, dict[str, float]]:
+    """Agreement of two labelings, scored per value as the CheXpert labeler's outputs are compared.
+
+    For each value v (``1.0``, ``0.0``, ``-1.0``) a cell is a true positive when both say v; the F1 is computed per
+    finding and micro-averaged over the 13 findings (No Finding left out).
+
+    Returns:
+        `dict[float, dict[str, float]]`: ``{value: {finding: f1, ..., "micro": f1}}``.
+    """
+    if len(reference) != len(predicted):
+        raise ValueError(f"{len(reference)} reference rows but {len(predicted)} predicted rows")
+    scores: dict[float, dict[str, float]] = {}
+    for value in (POSITIVE, NEGATIVE, UNCERTAIN):
+        truth = np.array([[labels[name] == value for name in _FINDING_CLASSES] for labels in reference])
+        guess = np.array([[labels[name] == value for name in _FINDING_CLASSES] for labels in predicted])
+        per_class = f1_score(truth, guess, average=None, zero_division=0.0)
+        scores[value] = dict(zip(_FINDING_CLASSES, per_class.tolist()))
+        scores[value]["micro"] = float(f1_score(truth, guess, average="micro", zero_division=0.0))
+    return scores
 
 
 # ----------------------------------------------------------------------------------------------------------------
