@@ -286,7 +286,8 @@ class _PhraseTrie:
 @dataclass(frozen=True)
 class _Rule:
     """What a trigger phrase does: its stage (rank into `_STAGES`), direction and window, and whether it only
-    governs anatomical mentions ("stable" qualifies "cardiac silhouette", not "cardiomegaly")."""
+    governs anatomical mentions ("stable" qualifies "cardiac silhouette", not "cardiomegaly"; such a rule governs
+    only its own clause and list item: no comma may lie between)."""
 
     stage: int
     label: float
@@ -438,12 +439,12 @@ class CheXpertLabeler:
         return True
 
     @staticmethod
-    def _distance(tokens: list[str], breaks: list[bool], start: int, end: int) -> int | None:
+    def _distance(tokens: list[str], breaks: list[bool], start: int, end: int, lists: bool = True) -> int | None:
         """Words between ``start`` and ``end``, counted from the last list comma (each list item gets the full
-        window), or None when a scope break lies between."""
+        window), or None when a scope break lies between (or any comma, when ``lists`` is False)."""
         words = 0
         for index in range(start, end):
-            if breaks[index]:
+            if breaks[index] or not lists and tokens[index] == ",":
                 return None
             words = 0 if tokens[index] == "," else words + 1
         return words
@@ -464,9 +465,9 @@ class CheXpertLabeler:
             if best is not None and rule.stage >= best.stage or rule.anatomy_only and not anatomy:
                 continue
             if t_end <= start and rule.direction in ("pre", "both"):
-                distance = self._distance(tokens, breaks, t_end, start)
+                distance = self._distance(tokens, breaks, t_end, start, not rule.anatomy_only)
             elif t_start >= end and rule.direction in ("post", "both"):
-                distance = self._distance(tokens, breaks, end, t_start)
+                distance = self._distance(tokens, breaks, end, t_start, not rule.anatomy_only)
             elif rule.direction == "self" and t_start <= start and end <= t_end:
                 distance = 0
             else:
