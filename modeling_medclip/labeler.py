@@ -458,7 +458,8 @@ class CheXpertLabeler:
         end: int,
     ) -> float:
         """Label the mention at tokens ``[start, end)``: the earliest stage with a rule whose scope covers it, or
-        positive."""
+        positive. A coordination ("or", a ``both`` rule) reaches back only over its own list: not past a trigger
+        that opens one ("opacities, without consolidation, or effusion": the opacities are no alternative)."""
         anatomy = tokens[end - 1] in self._anatomy
         best: _Rule | None = None
         for t_start, t_end, rule in rules:
@@ -466,8 +467,11 @@ class CheXpertLabeler:
                 continue
             if t_end <= start and rule.direction in ("pre", "both"):
                 distance = self._distance(tokens, breaks, t_end, start, not rule.anatomy_only)
-            elif t_start >= end and rule.direction in ("post", "both"):
+            elif t_start >= end and rule.direction == "post":
                 distance = self._distance(tokens, breaks, end, t_start, not rule.anatomy_only)
+            elif t_start >= end and rule.direction == "both":
+                opens_list = any(end <= o_start < t_start and o_rule.direction == "pre" for o_start, _, o_rule in rules)
+                distance = None if opens_list else self._distance(tokens, breaks, end, t_start)
             elif rule.direction == "self" and t_start <= start and end <= t_end:
                 distance = 0
             else:
