@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import re
 import sys
 from collections.abc import Iterable, Sequence
@@ -739,18 +740,17 @@ def read_labeled_csv(path: str | Path) -> list[tuple[str, dict[str, float | None
         `list[tuple[str, dict[str, float | None]]]`: ``(text, labels)`` pairs, labels keyed as `CHEXPERT_CLASSES`.
     """
     path = Path(path)
-    with path.open(newline="", encoding="utf-8-sig") as source:
-        reader = csv.DictReader(source)
-        missing = [name for name in ("Reports", *CHEXPERT_CLASSES) if name not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path} is not in the CheXpert labeler's format: columns {missing} are missing")
-        rows, seen = [], set()
-        for row in reader:
-            text = row["Reports"]
-            if len(text) < 4 or text in seen:
-                continue
-            seen.add(text)
-            rows.append((text, {name: float(row[name]) if row[name] else None for name in CHEXPERT_CLASSES}))
+    columns, records = read_csv_rows(path)
+    missing = [name for name in ("Reports", *CHEXPERT_CLASSES) if name not in columns]
+    if missing:
+        raise ValueError(f"{path} is not in the CheXpert labeler's format: columns {missing} are missing")
+    rows, seen = [], set()
+    for row in records:
+        text = row["Reports"]
+        if len(text) < 4 or text in seen:
+            continue
+        seen.add(text)
+        rows.append((text, {name: float(row[name]) if row[name] else None for name in CHEXPERT_CLASSES}))
     return rows
 
 
@@ -790,14 +790,60 @@ def _format_label(label: float | None, uncertain: str) -> str:
     return "" if label is None else f"{label:.1f}"
 
 
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+# Report text can be long (a whole report, or many joined); csv's default field limit is 131,072 characters.
+_FIELD_SIZE_LIMIT = min(sys.maxsize, 2**31 - 1)
+
+
+def escape_formula(text: str) -> str:
+    """Defuse CSV injection: a cell starting with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return is read by
+    spreadsheet programs as a formula, so it gets a leading ``'`` (OWASP's guidance); other text is unchanged."""
+    return "'" + text if text.startswith(_FORMULA_STARTS) else text
+
+
+def read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """Read a UTF-8 CSV (a byte-order mark, as Excel writes it, is dropped; fields of any length are accepted).
+
+    Returns:
+        `tuple[list[str], list[dict[str, str]]]`: the column names and the rows.
+
+    Raises:
+        `ValueError`: when the file is not valid UTF-8, naming the file, the record and line, and the bad bytes.
+    """
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        prefix = data[: error.start].decode("utf-8-sig")
+        record = sum(1 for _ in csv.reader(io.StringIO(prefix + "x")))
+        line = prefix.count("\n") + 1
+        raise ValueError(
+            f"{path} is not valid UTF-8: record {record} (line {line}, counting the header as record 1) has the "
+            f"bytes {data[error.start : error.end]!r} at byte {error.start} ({error.reason}); save it as UTF-8"
+        ) from None
+    limit = csv.field_size_limit()
+    csv.field_size_limit(_FIELD_SIZE_LIMIT)
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows = list(reader)
+    finally:
+        csv.field_size_limit(limit)
+    return list(reader.fieldnames or []), rows
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m modeling_medclip.labeler``: label a CSV of reports into the CheXpert labeler's CSV format."""
+    """``python -m modeling_medclip.labeler``: label a CSV of reports into the CheXpert labeler's CSV format.
+
+    The input is UTF-8 (with or without a byte-order mark). In the output, report text that a spreadsheet would run
+    as a formula (starting with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return) is written with a leading
+    ``'`` (see `escape_formula`); ``--no_escape_formulas`` writes the text unchanged.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m modeling_medclip.labeler",
-        description="Rule-based CheXpert-style labeler. Writes 'Reports' followed by the 14 CheXpert observations "
+        description="Rule-based CheXpert labeler. Writes 'Reports' followed by the 14 CheXpert observations "
         "(1.0 positive, 0.0 negative, -1.0 uncertain, empty not mentioned).",
     )
-    parser.add_argument("--input", required=True, type=Path, help="CSV file with one report per row.")
+    parser.add_argument("--input", required=True, type=Path, help="UTF-8 CSV file with one report per row.")
     parser.add_argument("--text_column", default="text", help="Column of --input holding the report text.")
     parser.add_argument("--output", required=True, type=Path, help="CSV file to write.")
     parser.add_argument("--level", choices=("report", "sentence"), default="report", help="One row per report or per sentence.")
@@ -812,41 +858,45 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="store_true",
         help="Write empty reports with empty labels (report level) or no rows (sentence level) instead of failing.",
     )
+    parser.add_argument(
+        "--no_escape_formulas",
+        action="store_true",
+        help="Write report text starting with =, +, -, @, tab or carriage return unchanged (by default it gets a "
+        "leading ' so that spreadsheet programs do not run it as a formula).",
+    )
     parser.add_argument("--phrases_dir", type=Path, default=None, help="Custom phrase folder (default: packaged).")
     args = parser.parse_args(argv)
 
     if not args.input.is_file():
         raise ValueError(f"input file {args.input} does not exist")
     labeler = CheXpertLabeler(phrases_dir=args.phrases_dir)
-    with args.input.open(newline="", encoding="utf-8") as source:
-        reader = csv.DictReader(source)
-        if reader.fieldnames is None or args.text_column not in reader.fieldnames:
-            raise ValueError(
-                f"text column {args.text_column!r} not found in {args.input} (columns: {reader.fieldnames or []})"
-            )
-        rows = []
-        for row_number, row in enumerate(reader, start=2):
-            text = row[args.text_column] or ""
-            if not text.strip():
-                if not args.skip_empty:
-                    raise ValueError(
-                        f"{args.input} line {row_number}: column {args.text_column!r} is empty "
-                        "(pass --skip_empty to write empty labels)"
-                    )
-                if args.level == "report":
-                    rows.append((text, dict.fromkeys(CHEXPERT_CLASSES)))
-                continue
+    columns, records = read_csv_rows(args.input)
+    if args.text_column not in columns:
+        raise ValueError(f"text column {args.text_column!r} not found in {args.input} (columns: {columns})")
+    rows = []
+    for row_number, row in enumerate(records, start=2):
+        text = row[args.text_column] or ""
+        if not text.strip():
+            if not args.skip_empty:
+                raise ValueError(
+                    f"{args.input} line {row_number}: column {args.text_column!r} is empty "
+                    "(pass --skip_empty to write empty labels)"
+                )
             if args.level == "report":
-                rows.append((text, labeler.label_report(text)))
-            else:
-                rows.extend(labeler.label_sentences(text))
+                rows.append((text, dict.fromkeys(CHEXPERT_CLASSES)))
+            continue
+        if args.level == "report":
+            rows.append((text, labeler.label_report(text)))
+        else:
+            rows.extend(labeler.label_sentences(text))
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with args.output.open("w", newline="", encoding="utf-8") as target:
         writer = csv.writer(target)
         writer.writerow(["Reports", *CHEXPERT_CLASSES])
         for text, labels in rows:
-            writer.writerow([text, *(_format_label(labels[name], args.uncertain) for name in CHEXPERT_CLASSES)])
+            cell = text if args.no_escape_formulas else escape_formula(text)
+            writer.writerow([cell, *(_format_label(labels[name], args.uncertain) for name in CHEXPERT_CLASSES)])
     print(f"labelled {len(rows)} {args.level} rows from {args.input} -> {args.output}", file=sys.stderr)
 
 
