@@ -29,7 +29,6 @@ import platform
 import time
 from pathlib import Path
 
-import numpy as np
 from sklearn.metrics import f1_score
 
 from modeling_medclip.labeler import (

@@ -381,8 +381,11 @@ class CheXpertLabeler:
             direction = words[0] if words else ""
             window = int(words[1]) if len(words) > 1 and words[1].isdigit() else None
             anatomy_only = words[-1] == "anatomy" and len(words) > 1
-            if direction not in ("pre", "post", "both", "self") or len(words) > 2 + anatomy_only - (window is None):
-                raise ValueError(f"{path}: unknown section [{section}]; expected [pre|post|both|self [window] [anatomy]]")
+            known_words = 1 + (window is not None) + anatomy_only
+            if direction not in ("pre", "post", "both", "self") or len(words) != known_words:
+                raise ValueError(
+                    f"{path}: unknown section [{section}]; expected [pre|post|both|self [window] [anatomy]]"
+                )
             if window is None:
                 window = self.post_window if direction == "post" else self.pre_window
             rule = _Rule(stage, label, direction, window, anatomy_only)
