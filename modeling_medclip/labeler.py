@@ -144,7 +144,6 @@ def split_sentences(text: str) -> list[str]:
     return [sentence for sentence in sentences if _HAS_WORD_RE.search(sentence)]
 
 
-
 def tokenize(text: str) -> list[str]:
     """Lowercase word tokens of ``text`` plus the punctuation that bounds scopes (``, ; : ( ) ?``), cleaned as the
     CheXpert labeler cleans its input: ``and/or`` and ``a/b`` become ``or`` and ``a or b``."""
@@ -161,7 +160,7 @@ def tokenize_with_offsets(text: str) -> tuple[list[str], list[tuple[int, int]]]:
         if token == "/":
             if tokens and tokens[-1] == "and":  # "and/or" -> "or"
                 tokens[-1], offsets[-1] = "or", (offsets[-1][0], match.end())
-            elif tokens and tokens[-1][-1].isalpha() and text[match.end() : match.end() + 1].isalpha():
+            elif text[match.start() - 1 : match.start()].isalpha() and text[match.end() : match.end() + 1].isalpha():
                 tokens.append("or")
                 offsets.append(match.span())
             continue
