@@ -353,6 +353,7 @@ class CheXpertLabeler:
         observations = (*_FINDING_CLASSES, _NO_FINDING, _IMPLIES_CARDIOMEGALY)
         self._mention_patterns: dict[str, re.Pattern] = {}
         self._unmention_patterns: dict[str, re.Pattern] = {}
+        self._mention_starts: dict[str, frozenset[str]] = {}
         anatomy: list[str] = []
         for section, phrases in sections.items():
             kind, _, name = section.rpartition(":")
@@ -362,6 +363,8 @@ class CheXpertLabeler:
             elif name in observations and kind in ("", "unmention"):
                 target = self._unmention_patterns if kind else self._mention_patterns
                 target[name] = _phrase_regex(phrases, f"{path} [{section}]")
+                if not kind:  # the first 3 characters a mention can start with: sentences without them are skipped
+                    self._mention_starts[name] = frozenset(phrase.split()[0].rstrip("*")[:3] for phrase in phrases)
             else:
                 raise ValueError(
                     f"{path}: unknown section [{section}]; expected one of {observations}, optionally after "
@@ -398,16 +401,20 @@ class CheXpertLabeler:
     def _find_mentions(self, tokens: list[str]) -> list[tuple[str, int, int]]:
         """``(observation, start, end)`` token spans of every mention, each observation matched on its own."""
         joined = " ".join(tokens)
+        starts = {token[:3] for token in tokens}
         token_at: dict[int, int] = {}
-        position = 0
-        for index, token in enumerate(tokens):
-            token_at[position] = index
-            position += len(token) + 1
         found = []
         for name, pattern in self._mention_patterns.items():
+            if starts.isdisjoint(self._mention_starts[name]):
+                continue
             matches = list(pattern.finditer(joined))
             if not matches:
                 continue
+            if not token_at:
+                position = 0
+                for index, token in enumerate(tokens):
+                    token_at[position] = index
+                    position += len(token) + 1
             unmention = self._unmention_patterns.get(name)
             blocked = [match.span() for match in unmention.finditer(joined)] if unmention is not None else []
             for match in matches:
