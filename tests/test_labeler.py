@@ -323,3 +323,22 @@ def test_f1_against_mesh_on_iu_reports(iu_reports_dir, labeler):
         guess = [int(labels[name] == 1.0) for labels in predicted]
         f1 = f1_score(truth, guess)
         assert f1 > floor, f"{name}: F1 {f1:.3f} <= {floor}"
+
+
+def test_label_report_with_evidence(labeler):
+    report = "No pleural effusion or pneumothorax. Heart size is normal. Mild Cardiomegaly. Basilar atelectasis."
+    result = labeler.label_report_with_evidence(report)
+    assert list(result) == list(CHEXPERT_CLASSES)
+    labels = labeler.label_report(report)
+    assert {name: label for name, (label, _) in result.items()} == labels
+    assert result["Cardiomegaly"] == (1.0, "Cardiomegaly")  # the positive mention wins over "Heart size" (normal)
+    assert result["Pleural Effusion"][0] == 0.0 and result["Pleural Effusion"][1].endswith("effusion")
+    assert result["Atelectasis"] == (1.0, "atelectasis")
+    assert result["Fracture"] == (None, None)
+    assert result["No Finding"] == (None, None)
+    for name, (label, evidence) in result.items():
+        assert (evidence is None) == (label is None or name == "No Finding")
+        assert evidence is None or evidence in report
+    assert labeler.label_report_with_evidence("No pneumothorax.")["No Finding"] == (1.0, None)
+    with pytest.raises(ValueError, match="empty"):
+        labeler.label_report_with_evidence("  ")
