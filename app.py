@@ -31,6 +31,7 @@ from modeling_medclip.demo import (
 )
 
 DEFAULT_MODEL = "outputs/cpu-demo/final"
+DEIDENTIFIED = "XXXX"  # what de-identification left in place of names, dates and some words of the IU reports
 SHARED_DATA = Path(os.environ.get("MEDCLIP_SHARED_DATA", Path(__file__).resolve().parent.parent / "shared" / "data"))
 WARNING = (
     "<div id='clinical-warning' style='background:#fdecea;border:1px solid #d93025;border-radius:6px;"
@@ -77,8 +78,10 @@ def load_model(name_or_path: str):
 
 
 def corpus_sentences(reports_dir: str) -> list[str]:
-    """The distinct sentences of the IU X-ray reports in `reports_dir`, in corpus order."""
-    return list(dict.fromkeys(example["text"] for example in report_sentences(build_iu_xray(reports_dir))))
+    """The distinct sentences of the IU X-ray reports in `reports_dir`, in corpus order, leaving out those with a
+    de-identification gap ("XXXX"), which cannot be read."""
+    sentences = (example["text"] for example in report_sentences(build_iu_xray(reports_dir)))
+    return list(dict.fromkeys(sentence for sentence in sentences if DEIDENTIFIED not in sentence))
 
 
 def describe(model, name_or_path: str) -> str:
@@ -151,11 +154,12 @@ def build_app(demo: XrayDemo, model_description: str, max_upload_mb: float) -> g
                 message = gr.Markdown(elem_id="upload-message")
                 gr.Markdown(SCORES_NOTE)
             with gr.Column(scale=2):
-                with gr.Row():
-                    overlay = gr.Image(label="Saliency of the selected finding", type="pil", elem_id="saliency",
-                                       interactive=False, height=420)
-                    chart = gr.Plot(label="Zero-shot scores", elem_id="chart")
-                finding = gr.Dropdown(label="Finding shown in the saliency map", choices=[], elem_id="finding")
+                with gr.Row(equal_height=True):
+                    with gr.Column(scale=1):
+                        overlay = gr.Image(label="Saliency map of the selected finding", type="pil",
+                                           elem_id="saliency", interactive=False, height=400)
+                        finding = gr.Dropdown(label="Finding shown in the map", choices=[], elem_id="finding")
+                    chart = gr.Plot(label="Zero-shot scores", elem_id="chart", scale=1)
                 scores = gr.Dataframe(headers=["Finding", "Score", "Prompts compared (first two)"],
                                       label="Scores", interactive=False, elem_id="scores", wrap=True)
                 sentences = gr.Dataframe(headers=["Rank", "Similarity", "Report sentence"],

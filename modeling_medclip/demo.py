@@ -224,7 +224,7 @@ def score_chart(scores: FindingScores, title: str) -> Figure:
     """A horizontal bar chart of the scores, highest on top, each bar labelled with its value."""
     names = sorted(scores.scores, key=scores.scores.get)
     values = [scores.scores[name] for name in names]
-    figure = Figure(figsize=(6.4, 0.32 * len(names) + 1.1), layout="constrained")
+    figure = Figure(figsize=(5.2, max(3.6, 0.3 * len(names) + 1.2)), layout="constrained")
     axes = figure.subplots()
     bars = axes.barh(names, values, color="#3b6ea8")
     axes.bar_label(bars, labels=[f"{value:.2f}" for value in values], padding=3, fontsize=9)
