@@ -22,7 +22,6 @@ from dataset_scripts import build_iu_xray, report_sentences
 from modeling_medclip.demo import (
     CUSTOM_LABELS,
     PROMPT_SETS,
-    UPLOAD_FORMATS,
     UploadError,
     XrayDemo,
     cached_text_index,
@@ -43,7 +42,8 @@ SCORES_NOTE = (
     "Each score compares the image with report-like sentences (prompts) about the finding. **CheXpert-5**: one of "
     "five findings, the scores sum to 1. **CheXpert-14**: every finding on its own, present against absent. The "
     "scores are not calibrated probabilities of disease. The map shows the regions that raise the similarity with the "
-    "selected finding's prompts (Grad-CAM on the last feature map of the image encoder)."
+    "selected finding's prompts (Grad-CAM on the last feature map of the image encoder): red most, blue little, "
+    "uncolored not at all. It shows what the model attends to, not where a finding is."
 )
 
 
@@ -51,8 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=os.environ.get("MEDCLIP_DEMO_MODEL", DEFAULT_MODEL),
                         help="saved model folder or Hub repo id (default: $MEDCLIP_DEMO_MODEL or %(default)s)")
-    parser.add_argument("--reports_dir", default=str(SHARED_DATA / "iu-xray-reports"),
-                        help="IU X-ray reports folder (reports.csv) whose sentences are retrieved; '' turns retrieval off")
+    parser.add_argument("--reports_dir", default=None,
+                        help="IU X-ray reports folder (reports.csv) whose sentences are retrieved (default: "
+                             "iu-xray-reports/ of the shared data folder, when it is there); '' turns retrieval off")
     parser.add_argument("--index_backend", choices=["exact", "faiss"], default="exact")
     parser.add_argument("--cache_dir", default="outputs/app-cache", help="where the sentence index is kept")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
@@ -92,8 +93,13 @@ def describe(model, name_or_path: str) -> str:
     )
 
 
-def analyse(demo: XrayDemo, max_bytes: int, upload, prompt_set: str, labels: str):
-    """Outputs of the image panel for an upload: message, chart, score rows, finding choice, overlay, sentences."""
+def _overlay(state: dict, opacity: float):
+    return gr.update(value=state["saliency"].overlay(alpha=opacity), label=f"Saliency map: {state['finding']}")
+
+
+def analyse(demo: XrayDemo, max_bytes: int, upload, prompt_set: str, labels: str, opacity: float):
+    """Outputs of the image panel for an upload: message, chart, score rows, finding choice, overlay, sentences,
+    and the state the other events read (image, prompts, shown finding and its saliency)."""
     empty = ("", None, [], gr.update(choices=[], value=None), None, [], None)
     if upload is None:
         return ("Upload a chest X-ray.",) + empty[1:]
@@ -103,29 +109,36 @@ def analyse(demo: XrayDemo, max_bytes: int, upload, prompt_set: str, labels: str
     except (UploadError, ValueError) as error:
         return (f"**Cannot use this upload:** {error}",) + empty[1:]
     top = scores.top_finding
-    rows = [[name, round(score, 3), " | ".join(scores.prompts[name][:2])] for name, score in scores.scores.items()]
+    ranked = sorted(scores.scores.items(), key=lambda item: -item[1])
+    rows = [[name, round(score, 3), " | ".join(scores.prompts[name][:2])] for name, score in ranked]
     sentences = []
     if demo.sentence_index is not None:
         sentences = [[rank, round(score, 3), text] for rank, (text, score) in
                      enumerate(demo.nearest_sentences(image, k=5), start=1)]
-    saliency = demo.saliency(image, scores.prompts[top])
-    state = {"image": image, "prompts": scores.prompts}
+    state = {"image": image, "prompts": scores.prompts, "finding": top,
+             "saliency": demo.saliency(image, scores.prompts[top])}
     return (
         f"{Path(upload).name}: {image.width} x {image.height} pixels. Highest score: **{top}**.",
         score_chart(scores, f"Zero-shot scores ({prompt_set})"),
         rows,
         gr.update(choices=list(scores.scores), value=top),
-        saliency.overlay(),
+        _overlay(state, opacity),
         sentences,
         state,
     )
 
 
-def explain(demo: XrayDemo, state, finding: str):
-    """The overlay of another finding of the last analysed image."""
+def explain(demo: XrayDemo, state, finding: str, opacity: float):
+    """The overlay of another finding of the last analysed image, and the new state."""
     if not state or finding not in state["prompts"]:
-        return None
-    return demo.saliency(state["image"], state["prompts"][finding]).overlay()
+        return None, state
+    state = {**state, "finding": finding, "saliency": demo.saliency(state["image"], state["prompts"][finding])}
+    return _overlay(state, opacity), state
+
+
+def fade(state, opacity: float):
+    """The shown overlay at another opacity (0: the plain X-ray)."""
+    return _overlay(state, opacity) if state else None
 
 
 def label_report(demo: XrayDemo, text: str):
@@ -145,7 +158,7 @@ def build_app(demo: XrayDemo, model_description: str, max_upload_mb: float) -> g
         gr.Markdown(model_description)
         with gr.Row():
             with gr.Column(scale=1, min_width=300):
-                upload = gr.File(label=f"Chest X-ray ({UPLOAD_FORMATS}, up to {max_upload_mb:g} MB)",
+                upload = gr.File(label=f"Chest X-ray: PNG, JPEG or DICOM, up to {max_upload_mb:g} MB",
                                  type="filepath", elem_id="upload")
                 prompt_set = gr.Radio([*PROMPT_SETS, CUSTOM_LABELS], value="CheXpert-5", label="Findings to score")
                 labels = gr.Textbox(label="Your own labels, separated by commas", visible=False,
@@ -153,18 +166,21 @@ def build_app(demo: XrayDemo, model_description: str, max_upload_mb: float) -> g
                 run = gr.Button("Analyse", variant="primary", elem_id="analyse")
                 message = gr.Markdown(elem_id="upload-message")
                 gr.Markdown(SCORES_NOTE)
-            with gr.Column(scale=2):
-                with gr.Row(equal_height=True):
-                    with gr.Column(scale=1):
-                        overlay = gr.Image(label="Saliency map of the selected finding", type="pil",
-                                           elem_id="saliency", interactive=False, height=400)
-                        finding = gr.Dropdown(label="Finding shown in the map", choices=[], elem_id="finding")
-                    chart = gr.Plot(label="Zero-shot scores", elem_id="chart", scale=1)
-                scores = gr.Dataframe(headers=["Finding", "Score", "Prompts compared (first two)"],
-                                      label="Scores", interactive=False, elem_id="scores", wrap=True)
-                sentences = gr.Dataframe(headers=["Rank", "Similarity", "Report sentence"],
-                                         label="Closest report sentences", interactive=False, elem_id="sentences",
-                                         wrap=True, visible=demo.sentence_index is not None)
+            with gr.Column(scale=1, min_width=360):
+                overlay = gr.Image(label="Saliency map", type="pil", elem_id="saliency", interactive=False,
+                                   height=440)
+                finding = gr.Dropdown(label="Finding shown in the map", choices=[], elem_id="finding")
+                opacity = gr.Slider(0.0, 1.0, value=0.45, step=0.05, label="Map opacity (0 shows the plain X-ray)",
+                                    elem_id="opacity")
+            chart = gr.Plot(label="Zero-shot scores", show_label=False, elem_id="chart", scale=1, min_width=360)
+        with gr.Row():
+            scores = gr.Dataframe(headers=["Finding", "Score", "Prompts compared (first two)"], label="Scores",
+                                  interactive=False, elem_id="scores", wrap=True, max_height=1200,
+                                  column_widths=["26%", "10%", "64%"], scale=3)
+            sentences = gr.Dataframe(headers=["Rank", "Similarity", "Report sentence"],
+                                     label="Closest report sentences (image to text retrieval)", interactive=False,
+                                     elem_id="sentences", wrap=True, column_widths=["10%", "15%", "75%"], scale=2,
+                                     visible=demo.sentence_index is not None)
         gr.Markdown("## Report labeler")
         with gr.Row():
             with gr.Column(scale=1, min_width=300):
@@ -172,29 +188,44 @@ def build_app(demo: XrayDemo, model_description: str, max_upload_mb: float) -> g
                 label = gr.Button("Label report", elem_id="label-report")
                 report_message = gr.Markdown(elem_id="report-message")
             report_labels = gr.Dataframe(headers=["Finding", "Label", "Phrase that decided it"], scale=2,
-                                         label="CheXpert labels", interactive=False, elem_id="report-labels")
+                                         label="CheXpert labels", interactive=False, elem_id="report-labels",
+                                         max_height=1200)
         state = gr.State()
 
         outputs = [message, chart, scores, finding, overlay, sentences, state]
-        inputs = [upload, prompt_set, labels]
+        inputs = [upload, prompt_set, labels, opacity]
         for event in (upload.upload, run.click):
             event(lambda *args: analyse(demo, max_bytes, *args), inputs, outputs)
         prompt_set.change(lambda choice: gr.update(visible=choice == CUSTOM_LABELS), prompt_set, labels)
-        finding.input(lambda *args: explain(demo, *args), [state, finding], overlay)
+        finding.input(lambda *args: explain(demo, *args), [state, finding, opacity], [overlay, state])
+        opacity.release(fade, [state, opacity], overlay)
         label.click(lambda text: label_report(demo, text), report, [report_labels, report_message])
     return page
+
+
+def sentence_index(model, processor, args: argparse.Namespace):
+    """The cached index of the report corpus' sentences, or `None` when retrieval is off."""
+    reports_dir = args.reports_dir
+    if reports_dir is None:
+        default = SHARED_DATA / "iu-xray-reports"
+        reports_dir = str(default) if default.is_dir() else ""
+        if not reports_dir:
+            print(f"No report corpus at {default}: sentence retrieval is off (pass --reports_dir).", flush=True)
+    if not reports_dir:
+        return None
+    print(f"Indexing the report sentences of {reports_dir} (cached in {args.cache_dir}) ...", flush=True)
+    try:
+        sentences = corpus_sentences(reports_dir)
+    except FileNotFoundError as error:
+        raise SystemExit(f"--reports_dir: {error}") from None
+    return cached_text_index(model, processor, sentences, args.cache_dir, args.index_backend)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     model, processor = load_model(args.model)
-    sentence_index = None
-    if args.reports_dir:
-        print(f"Indexing the report sentences of {args.reports_dir} (cached in {args.cache_dir}) ...", flush=True)
-        sentence_index = cached_text_index(
-            model, processor, corpus_sentences(args.reports_dir), args.cache_dir, args.index_backend
-        )
-    demo = XrayDemo(model, processor, sentence_index, prompts_per_class=args.prompts_per_class, seed=args.seed)
+    index = sentence_index(model, processor, args)
+    demo = XrayDemo(model, processor, index, prompts_per_class=args.prompts_per_class, seed=args.seed)
     page = build_app(demo, describe(model, args.model), args.max_upload_mb)
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
     _, url, _ = page.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True, quiet=True,

@@ -68,8 +68,8 @@ def read_upload(path: str | os.PathLike, max_bytes: int) -> PIL.Image.Image:
     except PIL.Image.DecompressionBombError as error:
         raise UploadError(f"{path.name} has too many pixels to decode safely ({error}).") from error
     except ValueError as error:
-        reason = str(error).replace(str(path), path.name)
-        raise UploadError(f"{path.name} is not a readable {UPLOAD_FORMATS} image. {reason}") from error
+        reason = str(error.__cause__ or error).replace(str(path), path.name)
+        raise UploadError(f"{path.name} is not a readable {UPLOAD_FORMATS} image ({reason}).") from error
 
 
 def parse_labels(text: str) -> list[str]:
