@@ -180,6 +180,7 @@ def build_app(demo: XrayDemo, model_description: str, max_upload_mb: float) -> g
             sentences = gr.Dataframe(headers=["Rank", "Similarity", "Report sentence"],
                                      label="Closest report sentences (image to text retrieval)", interactive=False,
                                      elem_id="sentences", wrap=True, column_widths=["10%", "15%", "75%"], scale=2,
+                                     max_height=1200,
                                      visible=demo.sentence_index is not None)
         gr.Markdown("## Report labeler")
         with gr.Row():

@@ -218,7 +218,8 @@ def test_app_in_a_real_browser(browser, model_dir, reports_dir, covid_cxr_dir, t
         assert {row[0]: float(row[1]) for row in _table(browser, "scores")} == pytest.approx(scores, abs=1e-3)
         overlay = _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#saliency img"), "the overlay")[0]
         _wait(browser, lambda d: overlay.get_property("naturalWidth") == image.width, "the overlay at full size")
-        assert browser.find_element(By.CSS_SELECTOR, "#chart img, #chart svg, #chart canvas").is_displayed()
+        _wait(browser, lambda d: any(chart.get_property("naturalWidth") > 0 and chart.is_displayed()
+                                     for chart in d.find_elements(By.CSS_SELECTOR, "#chart img")), "the bar chart")
         assert len(_table(browser, "sentences")) == 5
 
         # CheXpert-14: every finding scored.

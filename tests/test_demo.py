@@ -5,12 +5,13 @@ import PIL.Image
 import pytest
 import torch
 from conftest import tiny_config
-from matplotlib.figure import Figure
 from test_image_processing import write_dicom
 from transformers import AutoTokenizer
 
 from modeling_medclip import MedCLIPImageProcessor, MedCLIPModel, MedCLIPProcessor
-from modeling_medclip.demo import (
+
+Figure = pytest.importorskip("matplotlib.figure", reason="the demo needs matplotlib: pip install medclip-hf[demo]").Figure
+from modeling_medclip.demo import (  # noqa: E402
     CUSTOM_LABELS,
     UploadError,
     XrayDemo,
@@ -20,9 +21,9 @@ from modeling_medclip.demo import (
     read_upload,
     score_chart,
 )
-from modeling_medclip.labeler import CHEXPERT_CLASSES, CheXpertLabeler
-from modeling_medclip.prompts import generate_prompts
-from modeling_medclip.zero_shot import ZeroShotClassifier
+from modeling_medclip.labeler import CHEXPERT_CLASSES, CheXpertLabeler  # noqa: E402
+from modeling_medclip.prompts import generate_prompts  # noqa: E402
+from modeling_medclip.zero_shot import ZeroShotClassifier  # noqa: E402
 
 MAX_BYTES = 2**20
 REPORT = "Mild cardiomegaly. No pleural effusion or pneumothorax. Possible left basilar atelectasis."

@@ -8,7 +8,9 @@ from conftest import tiny_config
 from transformers import AutoTokenizer
 
 from modeling_medclip import MedCLIPImageProcessor, MedCLIPModel, MedCLIPProcessor
-from modeling_medclip.saliency import _heatmap_on_image, image_text_saliency, overlay_heatmap
+
+pytest.importorskip("matplotlib", reason="saliency overlays need matplotlib: pip install medclip-hf[demo]")
+from modeling_medclip.saliency import _heatmap_on_image, image_text_saliency, overlay_heatmap  # noqa: E402
 
 EFFUSION = "large right pleural effusion"
 NORMAL = ["no acute cardiopulmonary process", "normal chest radiograph"]
