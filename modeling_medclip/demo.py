@@ -38,6 +38,7 @@ PROMPT_SETS = {
 CUSTOM_LABELS = "Your own labels"
 LABEL_NAMES = {1.0: "positive", 0.0: "negative", -1.0: "uncertain", None: "not mentioned"}
 UPLOAD_FORMATS = "PNG, JPEG, 16-bit PNG or DICOM"
+MAX_CACHED_CLASSIFIERS = 16
 
 
 class UploadError(ValueError):
@@ -176,6 +177,8 @@ class XrayDemo:
                 class_prompts = generate(task, n_per_class=self.prompts_per_class, seed=self.seed)
             else:
                 raise ValueError(f"unknown prompt set {prompt_set!r}; expected one of {[*PROMPT_SETS, CUSTOM_LABELS]}")
+            if len(self._classifiers) >= MAX_CACHED_CLASSIFIERS:  # typed label sets come and go: drop the oldest
+                del self._classifiers[next(iter(self._classifiers))]
             self._classifiers[key] = ZeroShotClassifier(self.model, self.processor, class_prompts, mode=mode)
         return self._classifiers[key]
 
@@ -240,7 +243,9 @@ def score_chart(scores: FindingScores, title: str) -> Figure:
 
 __all__ = [
     "CUSTOM_LABELS",
+    "LABEL_NAMES",
     "PROMPT_SETS",
+    "UPLOAD_FORMATS",
     "FindingScores",
     "UploadError",
     "XrayDemo",

@@ -60,6 +60,7 @@ def reports_dir(tmp_path_factory, iu_reports_dir):
 
 def test_missing_default_model_says_how_to_get_one(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MEDCLIP_DEMO_MODEL", raising=False)
     with pytest.raises(SystemExit, match=r"No model folder at 'outputs/cpu-demo/final'\. Run `make demo`"):
         app.load_model(app.parse_args([]).model)
     with pytest.raises(SystemExit, match="pass --model"):

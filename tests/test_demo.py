@@ -13,6 +13,7 @@ from modeling_medclip import MedCLIPImageProcessor, MedCLIPModel, MedCLIPProcess
 Figure = pytest.importorskip("matplotlib.figure", reason="the demo needs matplotlib: pip install medclip-hf[demo]").Figure
 from modeling_medclip.demo import (  # noqa: E402
     CUSTOM_LABELS,
+    MAX_CACHED_CLASSIFIERS,
     UploadError,
     XrayDemo,
     cached_text_index,
@@ -203,3 +204,13 @@ def test_report_rows_are_the_labelers_labels_and_evidence(demo):
     assert by_name["Pleural Effusion"][0] == "negative" and by_name["Pleural Effusion"][1] in REPORT
     with pytest.raises(ValueError, match="empty"):
         demo.label_report("  ")
+
+
+def test_typed_label_sets_are_cached_up_to_a_bound(model, processor, xray_path):
+    demo = XrayDemo(model, processor)
+    image = read_upload(xray_path, MAX_BYTES)
+    for number in range(MAX_CACHED_CLASSIFIERS + 3):
+        demo.classify(image, CUSTOM_LABELS, f"effusion {number}, normal")
+    assert len(demo._classifiers) == MAX_CACHED_CLASSIFIERS
+    first = demo._classifier(CUSTOM_LABELS, ("effusion 18", "normal"))
+    assert demo._classifier(CUSTOM_LABELS, ("effusion 18", "normal")) is first
