@@ -19,6 +19,8 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoModel, AutoProcessor
 
 from dataset_scripts import build_iu_xray, report_sentences
+from dataset_scripts.paths import shared_data_dir
+from dataset_scripts.registry import BUILDERS
 from modeling_medclip.demo import (
     CUSTOM_LABELS,
     PROMPT_SETS,
@@ -31,7 +33,6 @@ from modeling_medclip.demo import (
 
 DEFAULT_MODEL = "outputs/cpu-demo/final"
 DEIDENTIFIED = "XXXX"  # what de-identification left in place of names, dates and some words of the IU reports
-SHARED_DATA = Path(os.environ.get("MEDCLIP_SHARED_DATA", Path(__file__).resolve().parent.parent / "shared" / "data"))
 WARNING = (
     "<div id='clinical-warning' style='background:#fdecea;border:1px solid #d93025;border-radius:6px;"
     "padding:8px 12px;color:#8c1d18'><b>Research demo, not for clinical use.</b> The scores, maps and labels below "
@@ -208,7 +209,7 @@ def sentence_index(model, processor, args: argparse.Namespace):
     """The cached index of the report corpus' sentences, or `None` when retrieval is off."""
     reports_dir = args.reports_dir
     if reports_dir is None:
-        default = SHARED_DATA / "iu-xray-reports"
+        default = shared_data_dir() / BUILDERS["iu_xray"].shared_folder
         reports_dir = str(default) if default.is_dir() else ""
         if not reports_dir:
             print(f"No report corpus at {default}: sentence retrieval is off (pass --reports_dir).", flush=True)
