@@ -5,8 +5,8 @@
 
 Upload a chest X-ray (PNG, JPEG, 16-bit PNG or DICOM) for zero-shot finding scores with a Grad-CAM map of the chosen
 finding and the closest report sentences of a corpus (the IU X-ray reports by default), or paste a report to see the
-labeler's 14 labels and the phrases behind them. The logic lives in `modeling_medclip.demo`; this file only builds the
-page and parses the command line.
+labeler's 14 labels and the phrases behind them. The logic lives in `modeling_medclip.demo`; this file builds the
+page, turns results into its tables and messages, and parses the command line.
 """
 
 import argparse
@@ -101,14 +101,19 @@ def _overlay(state: dict, opacity: float):
 def analyse(demo: XrayDemo, max_bytes: int, upload, prompt_set: str, labels: str, opacity: float):
     """Outputs of the image panel for an upload: message, chart, score rows, finding choice, overlay, sentences,
     and the state the other events read (image, prompts, shown finding and its saliency)."""
-    empty = ("", None, [], gr.update(choices=[], value=None), None, [], None)
+    def cleared(message: str) -> tuple:
+        return message, None, [], gr.update(choices=[], value=None), None, [], None
+
     if upload is None:
-        return ("Upload a chest X-ray.",) + empty[1:]
+        return cleared("Upload a chest X-ray.")
     try:
         image = read_upload(upload, max_bytes)
+    except UploadError as error:
+        return cleared(f"**Cannot use this upload:** {error}")
+    try:
         scores = demo.classify(image, prompt_set, labels)
-    except (UploadError, ValueError) as error:
-        return (f"**Cannot use this upload:** {error}",) + empty[1:]
+    except ValueError as error:  # too few typed labels
+        return cleared(f"**Cannot score these labels:** {error}")
     top = scores.top_finding
     ranked = sorted(scores.scores.items(), key=lambda item: -item[1])
     rows = [[name, round(score, 3), " | ".join(scores.prompts[name][:2])] for name, score in ranked]

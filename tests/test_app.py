@@ -113,7 +113,7 @@ def test_handlers_of_the_page(model_dir, covid_cxr_dir, tmp_path):
         None, [], None, None
     )
     message, *_ = app.analyse(demo, 2**20, xray, app.CUSTOM_LABELS, "effusion", 0.45)
-    assert "at least two labels" in message
+    assert message.startswith("**Cannot score these labels:** Type at least two labels")
     assert app.label_report(demo, " ") == ([], "**Cannot label this report:** report text is empty: there is nothing to label")
 
 
