@@ -167,7 +167,7 @@ def build_app(demo: XrayDemo, model_description: str, max_upload_mb: float) -> g
                 upload = gr.File(label=f"Chest X-ray: PNG, JPEG or DICOM, up to {max_upload_mb:g} MB",
                                  type="filepath", elem_id="upload")
                 prompt_set = gr.Radio([*PROMPT_SETS, CUSTOM_LABELS], value="CheXpert-5", label="Findings to score")
-                labels = gr.Textbox(label="Your own labels, separated by commas", visible=False,
+                labels = gr.Textbox(label="Your own labels, separated by commas", visible=False, elem_id="labels",
                                     placeholder="pleural effusion, pneumothorax, no acute cardiopulmonary process")
                 run = gr.Button("Analyse", variant="primary", elem_id="analyse")
                 message = gr.Markdown(elem_id="upload-message")

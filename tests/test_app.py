@@ -13,10 +13,12 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 from conftest import REPO_ROOT, tiny_config
+from test_image_processing import write_dicom
 from transformers import AutoTokenizer
 
 from modeling_medclip import MedCLIPImageProcessor, MedCLIPModel, MedCLIPProcessor
@@ -27,6 +29,7 @@ gr = pytest.importorskip("gradio", reason="the web demo needs gradio: pip instal
 import app  # noqa: E402  (after the gradio check)
 
 ARTIFACTS = REPO_ROOT / "tests" / "artifacts"
+TYPED_LABELS = "pleural effusion, pneumothorax, normal chest"
 REPORT = "Mild cardiomegaly. No pleural effusion or pneumothorax. Possible left basilar atelectasis."
 CHEXPERT5 = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
 CHROMIUM_FLAGS = [
@@ -166,16 +169,20 @@ def browser(tmp_path_factory):
 
 
 def _table(driver, element_id: str) -> list[list[str]]:
-    from selenium.webdriver.common.by import By
-
-    rows = driver.find_elements(By.CSS_SELECTOR, f"#{element_id} [role=row]")
-    return [[cell.text for cell in row.find_elements(By.CSS_SELECTOR, "[role=gridcell]")] for row in rows[1:]]
+    """The body cells of a Dataframe, read in one script call (the table may re-render between two calls)."""
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0])).slice(1).map(row => "
+        "Array.from(row.querySelectorAll('[role=gridcell]')).map(cell => cell.innerText.trim()))",
+        f"#{element_id} [role=row]",
+    )
 
 
 def _wait(driver, condition, what: str):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, WAIT_S, poll_frequency=0.25).until(lambda d: condition(d), message=what)
+    wait = WebDriverWait(driver, WAIT_S, poll_frequency=0.25, ignored_exceptions=[StaleElementReferenceException])
+    return wait.until(lambda d: condition(d), message=what)
 
 
 def _upload(driver, path) -> None:
@@ -223,11 +230,31 @@ def test_app_in_a_real_browser(browser, model_dir, reports_dir, covid_cxr_dir, t
                                      for chart in d.find_elements(By.CSS_SELECTOR, "#chart img")), "the bar chart")
         assert len(_table(browser, "sentences")) == 5
 
+        # Another finding's map: the overlay and its title change.
+        lowest = min(scores, key=scores.get)
+        shown = overlay.get_attribute("src")
+        browser.find_element(By.CSS_SELECTOR, "#finding input").click()
+        _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, f"#finding [role=option][aria-label='{lowest}']"),
+              "the finding choices")[0].click()
+        _wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#saliency [data-testid=block-label]").text
+              == f"Saliency map: {lowest}", "the map of another finding")
+        _wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#saliency img").get_attribute("src") != shown,
+              "a new overlay")
+
         # CheXpert-14: every finding scored.
         browser.find_element(By.CSS_SELECTOR, "input[type=radio][value='CheXpert-14']").click()
         browser.find_element(By.ID, "analyse").click()
         _wait(browser, lambda d: len(_table(d, "scores")) == 14, "fourteen score rows")
         scores = expected.classify(image, "CheXpert-14").scores
+        assert {row[0]: float(row[1]) for row in _table(browser, "scores")} == pytest.approx(scores, abs=1e-3)
+
+        # Labels typed by the user.
+        browser.find_element(By.CSS_SELECTOR, f"input[type=radio][value='{app.CUSTOM_LABELS}']").click()
+        _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#labels textarea, #labels input"), "the labels box")
+        browser.find_element(By.CSS_SELECTOR, "#labels textarea, #labels input").send_keys(TYPED_LABELS)
+        browser.find_element(By.ID, "analyse").click()
+        _wait(browser, lambda d: len(_table(d, "scores")) == 3, "three score rows")
+        scores = expected.classify(image, app.CUSTOM_LABELS, TYPED_LABELS).scores
         assert {row[0]: float(row[1]) for row in _table(browser, "scores")} == pytest.approx(scores, abs=1e-3)
 
         # A pasted report: the labeler's 14 labels with their phrases.
@@ -255,6 +282,12 @@ def test_app_in_a_real_browser(browser, model_dir, reports_dir, covid_cxr_dir, t
             _wait(browser, lambda d: f"{path.name} is not a readable" in _message(d), f"the message about {path.name}")
             assert "Cannot use this upload" in _message(browser)
             assert _table(browser, "scores") == []
+
+        # The same X-ray as a 12-bit DICOM file is scored like the JPEG.
+        dicom = write_dicom(tmp_path / "xray.dcm", np.asarray(image, dtype=np.uint16) * 16, "MONOCHROME2", 12)
+        _upload(browser, dicom)
+        _wait(browser, lambda d: "xray.dcm" in _message(d) and "Highest score" in _message(d), "the DICOM's scores")
+        assert {row[0]: float(row[1]) for row in _table(browser, "scores")} == pytest.approx(scores, abs=1e-3)
     finally:
         process.terminate()
         process.wait(timeout=30)
