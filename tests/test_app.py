@@ -120,6 +120,16 @@ def test_handlers_of_the_page(model_dir, covid_cxr_dir, tmp_path):
     assert app.label_report(demo, " ") == ([], "**Cannot label this report:** report text is empty: there is nothing to label")
 
 
+def test_space_layout():
+    from huggingface_hub import RepoCard
+
+    card = RepoCard.load(REPO_ROOT / "space" / "README.md", repo_type="space").data
+    assert card.sdk == "gradio" and (REPO_ROOT / card.app_file).is_file()
+    assert int(card.sdk_version.split(".")[0]) == int(gr.__version__.split(".")[0])
+    assert len(card.short_description) <= 60  # the Hub's limit
+    assert "medclip-hf[demo" in (REPO_ROOT / "space" / "requirements.txt").read_text()
+
+
 # ------------------------------------------------------------------------------------------------ browser
 
 
