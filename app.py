@@ -234,9 +234,8 @@ def main(argv=None) -> None:
     index = sentence_index(model, processor, args)
     demo = XrayDemo(model, processor, index, prompts_per_class=args.prompts_per_class, seed=args.seed)
     page = build_app(demo, describe(model, args.model), args.max_upload_mb)
-    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
     _, url, _ = page.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True, quiet=True,
-                            theme=theme, footer_links=[])
+                            footer_links=[])
     print(f"MedCLIP demo running at {url}", flush=True)
     page.block_thread()
 

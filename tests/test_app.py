@@ -54,7 +54,8 @@ def model_dir(tmp_path_factory, tokenizer_dir):
 def reports_dir(tmp_path_factory, iu_reports_dir):
     """The first 40 real IU reports, in the corpus' own layout."""
     folder = tmp_path_factory.mktemp("iu-xray-reports")
-    pd.read_csv(iu_reports_dir / "reports.csv", keep_default_na=False).head(40).to_csv(folder / "reports.csv", index=False)
+    reports = pd.read_csv(iu_reports_dir / "reports.csv", keep_default_na=False)
+    reports.head(40).to_csv(folder / "reports.csv", index=False)
     return folder
 
 
@@ -117,7 +118,8 @@ def test_handlers_of_the_page(model_dir, covid_cxr_dir, tmp_path):
     )
     message, *_ = app.analyse(demo, 2**20, xray, app.CUSTOM_LABELS, "effusion", 0.45)
     assert message.startswith("**Cannot score these labels:** Type at least two labels")
-    assert app.label_report(demo, " ") == ([], "**Cannot label this report:** report text is empty: there is nothing to label")
+    rows, message = app.label_report(demo, " ")
+    assert rows == [] and message == "**Cannot label this report:** report text is empty: there is nothing to label"
 
 
 def test_space_layout():
