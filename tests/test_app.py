@@ -78,6 +78,18 @@ def test_model_folder_loads(model_dir):
     assert "MedCLIPModel: resnet image encoder, bert text encoder" in app.describe(model, str(model_dir))
 
 
+def test_model_from_a_hub_repo(hub_server, model_dir):
+    from huggingface_hub import HfApi
+
+    repo_id = f"{hub_server.user}/tiny-medclip"
+    HfApi().create_repo(repo_id)
+    HfApi().upload_folder(folder_path=model_dir, repo_id=repo_id)
+    model, processor = app.load_model(repo_id)
+    assert isinstance(model, MedCLIPModel) and isinstance(processor, MedCLIPProcessor)
+    with pytest.raises(SystemExit, match=r"Could not load the model 'user/missing'(.|\n)*make demo"):
+        app.load_model(f"{hub_server.user}/missing")
+
+
 def test_corpus_sentences_are_distinct_and_readable(reports_dir):
     sentences = app.corpus_sentences(str(reports_dir))
     assert sentences and len(sentences) == len(set(sentences))
