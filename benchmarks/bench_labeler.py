@@ -24,14 +24,13 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import os
 import platform
 import time
 from pathlib import Path
 
-import numpy as np
 from sklearn.metrics import f1_score
 
+from dataset_scripts.paths import shared_data_dir
 from modeling_medclip.labeler import (
     CHEXPERT_CLASSES,
     CheXpertLabeler,
@@ -42,13 +41,8 @@ from modeling_medclip.labeler import (
 )
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 FINDINGS = CHEXPERT_CLASSES[1:]
 VALUES = ((1.0, "positive"), (0.0, "negative"), (-1.0, "uncertain"))
-
-
-def default_data_dir() -> Path:
-    return Path(os.environ.get("MEDCLIP_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
 def cpu_model() -> str:
@@ -112,7 +106,7 @@ def best_seconds(function, texts: list[str], repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=default_data_dir(), help="the shared data folder")
+    parser.add_argument("--data", type=Path, default=shared_data_dir(), help="the shared data folder")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 

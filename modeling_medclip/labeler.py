@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import re
 import sys
 from collections.abc import Iterable, Sequence
@@ -143,7 +144,6 @@ def split_sentences(text: str) -> list[str]:
     return [sentence for sentence in sentences if _HAS_WORD_RE.search(sentence)]
 
 
-
 def tokenize(text: str) -> list[str]:
     """Lowercase word tokens of ``text`` plus the punctuation that bounds scopes (``, ; : ( ) ?``), cleaned as the
     CheXpert labeler cleans its input: ``and/or`` and ``a/b`` become ``or`` and ``a or b``."""
@@ -160,7 +160,7 @@ def tokenize_with_offsets(text: str) -> tuple[list[str], list[tuple[int, int]]]:
         if token == "/":
             if tokens and tokens[-1] == "and":  # "and/or" -> "or"
                 tokens[-1], offsets[-1] = "or", (offsets[-1][0], match.end())
-            elif tokens and tokens[-1][-1].isalpha() and text[match.end() : match.end() + 1].isalpha():
+            elif text[match.start() - 1 : match.start()].isalpha() and text[match.end() : match.end() + 1].isalpha():
                 tokens.append("or")
                 offsets.append(match.span())
             continue
@@ -286,7 +286,8 @@ class _PhraseTrie:
 @dataclass(frozen=True)
 class _Rule:
     """What a trigger phrase does: its stage (rank into `_STAGES`), direction and window, and whether it only
-    governs anatomical mentions ("stable" qualifies "cardiac silhouette", not "cardiomegaly")."""
+    governs anatomical mentions ("stable" qualifies "cardiac silhouette", not "cardiomegaly"; such a rule governs
+    only its own clause and list item: no comma may lie between)."""
 
     stage: int
     label: float
@@ -352,6 +353,7 @@ class CheXpertLabeler:
         observations = (*_FINDING_CLASSES, _NO_FINDING, _IMPLIES_CARDIOMEGALY)
         self._mention_patterns: dict[str, re.Pattern] = {}
         self._unmention_patterns: dict[str, re.Pattern] = {}
+        self._mention_starts: dict[str, frozenset[str]] = {}
         anatomy: list[str] = []
         for section, phrases in sections.items():
             kind, _, name = section.rpartition(":")
@@ -361,6 +363,8 @@ class CheXpertLabeler:
             elif name in observations and kind in ("", "unmention"):
                 target = self._unmention_patterns if kind else self._mention_patterns
                 target[name] = _phrase_regex(phrases, f"{path} [{section}]")
+                if not kind:  # the first 3 characters a mention can start with: sentences without them are skipped
+                    self._mention_starts[name] = frozenset(phrase.split()[0].rstrip("*")[:3] for phrase in phrases)
             else:
                 raise ValueError(
                     f"{path}: unknown section [{section}]; expected one of {observations}, optionally after "
@@ -379,8 +383,11 @@ class CheXpertLabeler:
             direction = words[0] if words else ""
             window = int(words[1]) if len(words) > 1 and words[1].isdigit() else None
             anatomy_only = words[-1] == "anatomy" and len(words) > 1
-            if direction not in ("pre", "post", "both", "self") or len(words) > 2 + anatomy_only - (window is None):
-                raise ValueError(f"{path}: unknown section [{section}]; expected [pre|post|both|self [window] [anatomy]]")
+            known_words = 1 + (window is not None) + anatomy_only
+            if direction not in ("pre", "post", "both", "self") or len(words) != known_words:
+                raise ValueError(
+                    f"{path}: unknown section [{section}]; expected [pre|post|both|self [window] [anatomy]]"
+                )
             if window is None:
                 window = self.post_window if direction == "post" else self.pre_window
             rule = _Rule(stage, label, direction, window, anatomy_only)
@@ -394,16 +401,20 @@ class CheXpertLabeler:
     def _find_mentions(self, tokens: list[str]) -> list[tuple[str, int, int]]:
         """``(observation, start, end)`` token spans of every mention, each observation matched on its own."""
         joined = " ".join(tokens)
+        starts = {token[:3] for token in tokens}
         token_at: dict[int, int] = {}
-        position = 0
-        for index, token in enumerate(tokens):
-            token_at[position] = index
-            position += len(token) + 1
         found = []
         for name, pattern in self._mention_patterns.items():
+            if starts.isdisjoint(self._mention_starts[name]):
+                continue
             matches = list(pattern.finditer(joined))
             if not matches:
                 continue
+            if not token_at:
+                position = 0
+                for index, token in enumerate(tokens):
+                    token_at[position] = index
+                    position += len(token) + 1
             unmention = self._unmention_patterns.get(name)
             blocked = [match.span() for match in unmention.finditer(joined)] if unmention is not None else []
             for match in matches:
@@ -438,12 +449,12 @@ class CheXpertLabeler:
         return True
 
     @staticmethod
-    def _distance(tokens: list[str], breaks: list[bool], start: int, end: int) -> int | None:
+    def _distance(tokens: list[str], breaks: list[bool], start: int, end: int, lists: bool = True) -> int | None:
         """Words between ``start`` and ``end``, counted from the last list comma (each list item gets the full
-        window), or None when a scope break lies between."""
+        window), or None when a scope break lies between (or any comma, when ``lists`` is False)."""
         words = 0
         for index in range(start, end):
-            if breaks[index]:
+            if breaks[index] or not lists and tokens[index] == ",":
                 return None
             words = 0 if tokens[index] == "," else words + 1
         return words
@@ -457,16 +468,20 @@ class CheXpertLabeler:
         end: int,
     ) -> float:
         """Label the mention at tokens ``[start, end)``: the earliest stage with a rule whose scope covers it, or
-        positive."""
+        positive. A coordination ("or", a ``both`` rule) reaches back only over its own list: not past a trigger
+        that opens one ("opacities, without consolidation, or effusion": the opacities are no alternative)."""
         anatomy = tokens[end - 1] in self._anatomy
         best: _Rule | None = None
         for t_start, t_end, rule in rules:
             if best is not None and rule.stage >= best.stage or rule.anatomy_only and not anatomy:
                 continue
             if t_end <= start and rule.direction in ("pre", "both"):
-                distance = self._distance(tokens, breaks, t_end, start)
-            elif t_start >= end and rule.direction in ("post", "both"):
-                distance = self._distance(tokens, breaks, end, t_start)
+                distance = self._distance(tokens, breaks, t_end, start, not rule.anatomy_only)
+            elif t_start >= end and rule.direction == "post":
+                distance = self._distance(tokens, breaks, end, t_start, not rule.anatomy_only)
+            elif t_start >= end and rule.direction == "both":
+                opens_list = any(end <= o_start < t_start and o_rule.direction == "pre" for o_start, _, o_rule in rules)
+                distance = None if opens_list else self._distance(tokens, breaks, end, t_start)
             elif rule.direction == "self" and t_start <= start and end <= t_end:
                 distance = 0
             else:
@@ -734,18 +749,17 @@ def read_labeled_csv(path: str | Path) -> list[tuple[str, dict[str, float | None
         `list[tuple[str, dict[str, float | None]]]`: ``(text, labels)`` pairs, labels keyed as `CHEXPERT_CLASSES`.
     """
     path = Path(path)
-    with path.open(newline="", encoding="utf-8-sig") as source:
-        reader = csv.DictReader(source)
-        missing = [name for name in ("Reports", *CHEXPERT_CLASSES) if name not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path} is not in the CheXpert labeler's format: columns {missing} are missing")
-        rows, seen = [], set()
-        for row in reader:
-            text = row["Reports"]
-            if len(text) < 4 or text in seen:
-                continue
-            seen.add(text)
-            rows.append((text, {name: float(row[name]) if row[name] else None for name in CHEXPERT_CLASSES}))
+    columns, records = read_csv_rows(path)
+    missing = [name for name in ("Reports", *CHEXPERT_CLASSES) if name not in columns]
+    if missing:
+        raise ValueError(f"{path} is not in the CheXpert labeler's format: columns {missing} are missing")
+    rows, seen = [], set()
+    for row in records:
+        text = row["Reports"]
+        if len(text) < 4 or text in seen:
+            continue
+        seen.add(text)
+        rows.append((text, {name: float(row[name]) if row[name] else None for name in CHEXPERT_CLASSES}))
     return rows
 
 
@@ -785,14 +799,60 @@ def _format_label(label: float | None, uncertain: str) -> str:
     return "" if label is None else f"{label:.1f}"
 
 
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+# Report text can be long (a whole report, or many joined); csv's default field limit is 131,072 characters.
+_FIELD_SIZE_LIMIT = min(sys.maxsize, 2**31 - 1)
+
+
+def escape_formula(text: str) -> str:
+    """Defuse CSV injection: a cell starting with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return is read by
+    spreadsheet programs as a formula, so it gets a leading ``'`` (OWASP's guidance); other text is unchanged."""
+    return "'" + text if text.startswith(_FORMULA_STARTS) else text
+
+
+def read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """Read a UTF-8 CSV (a byte-order mark, as Excel writes it, is dropped; fields of any length are accepted).
+
+    Returns:
+        `tuple[list[str], list[dict[str, str]]]`: the column names and the rows.
+
+    Raises:
+        `ValueError`: when the file is not valid UTF-8, naming the file, the record and line, and the bad bytes.
+    """
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        prefix = data[: error.start].decode("utf-8-sig")
+        record = sum(1 for _ in csv.reader(io.StringIO(prefix + "x")))
+        line = prefix.count("\n") + 1
+        raise ValueError(
+            f"{path} is not valid UTF-8: record {record} (line {line}, counting the header as record 1) has the "
+            f"bytes {data[error.start : error.end]!r} at byte {error.start} ({error.reason}); save it as UTF-8"
+        ) from None
+    limit = csv.field_size_limit()
+    csv.field_size_limit(_FIELD_SIZE_LIMIT)
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows = list(reader)
+    finally:
+        csv.field_size_limit(limit)
+    return list(reader.fieldnames or []), rows
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m modeling_medclip.labeler``: label a CSV of reports into the CheXpert labeler's CSV format."""
+    """``python -m modeling_medclip.labeler``: label a CSV of reports into the CheXpert labeler's CSV format.
+
+    The input is UTF-8 (with or without a byte-order mark). In the output, report text that a spreadsheet would run
+    as a formula (starting with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return) is written with a leading
+    ``'`` (see `escape_formula`); ``--no_escape_formulas`` writes the text unchanged.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m modeling_medclip.labeler",
-        description="Rule-based CheXpert-style labeler. Writes 'Reports' followed by the 14 CheXpert observations "
+        description="Rule-based CheXpert labeler. Writes 'Reports' followed by the 14 CheXpert observations "
         "(1.0 positive, 0.0 negative, -1.0 uncertain, empty not mentioned).",
     )
-    parser.add_argument("--input", required=True, type=Path, help="CSV file with one report per row.")
+    parser.add_argument("--input", required=True, type=Path, help="UTF-8 CSV file with one report per row.")
     parser.add_argument("--text_column", default="text", help="Column of --input holding the report text.")
     parser.add_argument("--output", required=True, type=Path, help="CSV file to write.")
     parser.add_argument("--level", choices=("report", "sentence"), default="report", help="One row per report or per sentence.")
@@ -807,41 +867,45 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="store_true",
         help="Write empty reports with empty labels (report level) or no rows (sentence level) instead of failing.",
     )
+    parser.add_argument(
+        "--no_escape_formulas",
+        action="store_true",
+        help="Write report text starting with =, +, -, @, tab or carriage return unchanged (by default it gets a "
+        "leading ' so that spreadsheet programs do not run it as a formula).",
+    )
     parser.add_argument("--phrases_dir", type=Path, default=None, help="Custom phrase folder (default: packaged).")
     args = parser.parse_args(argv)
 
     if not args.input.is_file():
         raise ValueError(f"input file {args.input} does not exist")
     labeler = CheXpertLabeler(phrases_dir=args.phrases_dir)
-    with args.input.open(newline="", encoding="utf-8") as source:
-        reader = csv.DictReader(source)
-        if reader.fieldnames is None or args.text_column not in reader.fieldnames:
-            raise ValueError(
-                f"text column {args.text_column!r} not found in {args.input} (columns: {reader.fieldnames or []})"
-            )
-        rows = []
-        for row_number, row in enumerate(reader, start=2):
-            text = row[args.text_column] or ""
-            if not text.strip():
-                if not args.skip_empty:
-                    raise ValueError(
-                        f"{args.input} line {row_number}: column {args.text_column!r} is empty "
-                        "(pass --skip_empty to write empty labels)"
-                    )
-                if args.level == "report":
-                    rows.append((text, dict.fromkeys(CHEXPERT_CLASSES)))
-                continue
+    columns, records = read_csv_rows(args.input)
+    if args.text_column not in columns:
+        raise ValueError(f"text column {args.text_column!r} not found in {args.input} (columns: {columns})")
+    rows = []
+    for row_number, row in enumerate(records, start=2):
+        text = row[args.text_column] or ""
+        if not text.strip():
+            if not args.skip_empty:
+                raise ValueError(
+                    f"{args.input} line {row_number}: column {args.text_column!r} is empty "
+                    "(pass --skip_empty to write empty labels)"
+                )
             if args.level == "report":
-                rows.append((text, labeler.label_report(text)))
-            else:
-                rows.extend(labeler.label_sentences(text))
+                rows.append((text, dict.fromkeys(CHEXPERT_CLASSES)))
+            continue
+        if args.level == "report":
+            rows.append((text, labeler.label_report(text)))
+        else:
+            rows.extend(labeler.label_sentences(text))
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with args.output.open("w", newline="", encoding="utf-8") as target:
         writer = csv.writer(target)
         writer.writerow(["Reports", *CHEXPERT_CLASSES])
         for text, labels in rows:
-            writer.writerow([text, *(_format_label(labels[name], args.uncertain) for name in CHEXPERT_CLASSES)])
+            cell = text if args.no_escape_formulas else escape_formula(text)
+            writer.writerow([cell, *(_format_label(labels[name], args.uncertain) for name in CHEXPERT_CLASSES)])
     print(f"labelled {len(rows)} {args.level} rows from {args.input} -> {args.output}", file=sys.stderr)
 
 
