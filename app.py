@@ -201,7 +201,7 @@ def build_app(demo: XrayDemo, model_description: str, max_upload_mb: float) -> g
 
         outputs = [message, chart, scores, finding, overlay, sentences, state]
         inputs = [upload, prompt_set, labels, opacity]
-        for event in (upload.upload, run.click):
+        for event in (upload.upload, upload.clear, run.click):  # clearing the upload clears the results
             event(lambda *args: analyse(demo, max_bytes, *args), inputs, outputs)
         prompt_set.change(lambda choice: gr.update(visible=choice == CUSTOM_LABELS), prompt_set, labels)
         finding.input(lambda *args: explain(demo, *args), [state, finding, opacity], [overlay, state])

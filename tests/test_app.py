@@ -215,6 +215,7 @@ def _upload(driver, path) -> None:
     clear = driver.find_elements(By.CSS_SELECTOR, "#upload button[aria-label=Clear]")
     if clear:
         clear[0].click()
+        _wait(driver, lambda d: _message(d) == "Upload a chest X-ray." and _table(d, "scores") == [], "cleared results")
     _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#upload input[type=file]"), "the upload field")
     driver.find_element(By.CSS_SELECTOR, "#upload input[type=file]").send_keys(str(path))
 
