@@ -167,7 +167,7 @@ def build_app(demo: XrayDemo, model_description: str, max_upload_mb: float) -> g
                 upload = gr.File(label=f"Chest X-ray: PNG, JPEG or DICOM, up to {max_upload_mb:g} MB",
                                  type="filepath", elem_id="upload")
                 prompt_set = gr.Radio([*PROMPT_SETS, CUSTOM_LABELS], value="CheXpert-5", label="Findings to score")
-                labels = gr.Textbox(label="Your own labels, separated by commas", visible=False,
+                labels = gr.Textbox(label="Your own labels, separated by commas", visible=False, elem_id="labels",
                                     placeholder="pleural effusion, pneumothorax, no acute cardiopulmonary process")
                 run = gr.Button("Analyse", variant="primary", elem_id="analyse")
                 message = gr.Markdown(elem_id="upload-message")
@@ -201,7 +201,7 @@ def build_app(demo: XrayDemo, model_description: str, max_upload_mb: float) -> g
 
         outputs = [message, chart, scores, finding, overlay, sentences, state]
         inputs = [upload, prompt_set, labels, opacity]
-        for event in (upload.upload, run.click):
+        for event in (upload.upload, upload.clear, run.click):  # clearing the upload clears the results
             event(lambda *args: analyse(demo, max_bytes, *args), inputs, outputs)
         prompt_set.change(lambda choice: gr.update(visible=choice == CUSTOM_LABELS), prompt_set, labels)
         finding.input(lambda *args: explain(demo, *args), [state, finding, opacity], [overlay, state])
@@ -234,9 +234,8 @@ def main(argv=None) -> None:
     index = sentence_index(model, processor, args)
     demo = XrayDemo(model, processor, index, prompts_per_class=args.prompts_per_class, seed=args.seed)
     page = build_app(demo, describe(model, args.model), args.max_upload_mb)
-    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
     _, url, _ = page.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True, quiet=True,
-                            theme=theme, footer_links=[])
+                            footer_links=[])
     print(f"MedCLIP demo running at {url}", flush=True)
     page.block_thread()
 

@@ -111,7 +111,9 @@ def _grad_cam(score: torch.Tensor, candidates: list[torch.Tensor], aspect: float
     raise ValueError("the image-text similarity does not depend on any spatial feature map of the vision tower")
 
 
-def _heatmap_on_image(cam: torch.Tensor, image_processor: MedCLIPImageProcessor, height: int, width: int) -> torch.Tensor:
+def _heatmap_on_image(
+    cam: torch.Tensor, image_processor: MedCLIPImageProcessor, height: int, width: int
+) -> torch.Tensor:
     """Carries a map over the processed image back through center crop, resize and pad-to-square to the original
     `height x width` image; regions the crop cut off get 0."""
     processor = image_processor
@@ -162,7 +164,8 @@ def image_text_saliency(
     was_training = model.training
     model.eval()
     try:
-        text_embedding = F.normalize(embed_texts(model, processor, texts, tokenizer_kwargs=tokenizer_kwargs).mean(0), dim=-1)
+        text_embeddings = embed_texts(model, processor, texts, tokenizer_kwargs=tokenizer_kwargs)
+        text_embedding = F.normalize(text_embeddings.mean(dim=0), dim=-1)
         parameter = next(model.parameters())
         pixel_values = processor(images=grayscale, return_tensors="pt")["pixel_values"]
         pixel_values = pixel_values.to(device=parameter.device, dtype=parameter.dtype).requires_grad_(True)

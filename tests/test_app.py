@@ -13,10 +13,12 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 from conftest import REPO_ROOT, tiny_config
+from test_image_processing import write_dicom
 from transformers import AutoTokenizer
 
 from modeling_medclip import MedCLIPImageProcessor, MedCLIPModel, MedCLIPProcessor
@@ -27,6 +29,7 @@ gr = pytest.importorskip("gradio", reason="the web demo needs gradio: pip instal
 import app  # noqa: E402  (after the gradio check)
 
 ARTIFACTS = REPO_ROOT / "tests" / "artifacts"
+TYPED_LABELS = "pleural effusion, pneumothorax, normal chest"
 REPORT = "Mild cardiomegaly. No pleural effusion or pneumothorax. Possible left basilar atelectasis."
 CHEXPERT5 = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
 CHROMIUM_FLAGS = [
@@ -51,7 +54,8 @@ def model_dir(tmp_path_factory, tokenizer_dir):
 def reports_dir(tmp_path_factory, iu_reports_dir):
     """The first 40 real IU reports, in the corpus' own layout."""
     folder = tmp_path_factory.mktemp("iu-xray-reports")
-    pd.read_csv(iu_reports_dir / "reports.csv", keep_default_na=False).head(40).to_csv(folder / "reports.csv", index=False)
+    reports = pd.read_csv(iu_reports_dir / "reports.csv", keep_default_na=False)
+    reports.head(40).to_csv(folder / "reports.csv", index=False)
     return folder
 
 
@@ -72,6 +76,18 @@ def test_model_folder_loads(model_dir):
     assert isinstance(model, MedCLIPModel) and not model.training
     assert isinstance(processor, MedCLIPProcessor)
     assert "MedCLIPModel: resnet image encoder, bert text encoder" in app.describe(model, str(model_dir))
+
+
+def test_model_from_a_hub_repo(hub_server, model_dir):
+    from huggingface_hub import HfApi
+
+    repo_id = f"{hub_server.user}/tiny-medclip"
+    HfApi().create_repo(repo_id)
+    HfApi().upload_folder(folder_path=model_dir, repo_id=repo_id)
+    model, processor = app.load_model(repo_id)
+    assert isinstance(model, MedCLIPModel) and isinstance(processor, MedCLIPProcessor)
+    with pytest.raises(SystemExit, match=r"Could not load the model 'user/missing'(.|\n)*make demo"):
+        app.load_model(f"{hub_server.user}/missing")
 
 
 def test_corpus_sentences_are_distinct_and_readable(reports_dir):
@@ -114,7 +130,18 @@ def test_handlers_of_the_page(model_dir, covid_cxr_dir, tmp_path):
     )
     message, *_ = app.analyse(demo, 2**20, xray, app.CUSTOM_LABELS, "effusion", 0.45)
     assert message.startswith("**Cannot score these labels:** Type at least two labels")
-    assert app.label_report(demo, " ") == ([], "**Cannot label this report:** report text is empty: there is nothing to label")
+    rows, message = app.label_report(demo, " ")
+    assert rows == [] and message == "**Cannot label this report:** report text is empty: there is nothing to label"
+
+
+def test_space_layout():
+    from huggingface_hub import RepoCard
+
+    card = RepoCard.load(REPO_ROOT / "space" / "README.md", repo_type="space").data
+    assert card.sdk == "gradio" and (REPO_ROOT / card.app_file).is_file()
+    assert int(card.sdk_version.split(".")[0]) == int(gr.__version__.split(".")[0])
+    assert len(card.short_description) <= 60  # the Hub's limit
+    assert "medclip-hf[demo" in (REPO_ROOT / "space" / "requirements.txt").read_text()
 
 
 # ------------------------------------------------------------------------------------------------ browser
@@ -166,16 +193,20 @@ def browser(tmp_path_factory):
 
 
 def _table(driver, element_id: str) -> list[list[str]]:
-    from selenium.webdriver.common.by import By
-
-    rows = driver.find_elements(By.CSS_SELECTOR, f"#{element_id} [role=row]")
-    return [[cell.text for cell in row.find_elements(By.CSS_SELECTOR, "[role=gridcell]")] for row in rows[1:]]
+    """The body cells of a Dataframe, read in one script call (the table may re-render between two calls)."""
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0])).slice(1).map(row => "
+        "Array.from(row.querySelectorAll('[role=gridcell]')).map(cell => cell.innerText.trim()))",
+        f"#{element_id} [role=row]",
+    )
 
 
 def _wait(driver, condition, what: str):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, WAIT_S, poll_frequency=0.25).until(lambda d: condition(d), message=what)
+    wait = WebDriverWait(driver, WAIT_S, poll_frequency=0.25, ignored_exceptions=[StaleElementReferenceException])
+    return wait.until(lambda d: condition(d), message=what)
 
 
 def _upload(driver, path) -> None:
@@ -184,6 +215,7 @@ def _upload(driver, path) -> None:
     clear = driver.find_elements(By.CSS_SELECTOR, "#upload button[aria-label=Clear]")
     if clear:
         clear[0].click()
+        _wait(driver, lambda d: _message(d) == "Upload a chest X-ray." and _table(d, "scores") == [], "cleared results")
     _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#upload input[type=file]"), "the upload field")
     driver.find_element(By.CSS_SELECTOR, "#upload input[type=file]").send_keys(str(path))
 
@@ -223,11 +255,31 @@ def test_app_in_a_real_browser(browser, model_dir, reports_dir, covid_cxr_dir, t
                                      for chart in d.find_elements(By.CSS_SELECTOR, "#chart img")), "the bar chart")
         assert len(_table(browser, "sentences")) == 5
 
+        # Another finding's map: the overlay and its title change.
+        lowest = min(scores, key=scores.get)
+        shown = overlay.get_attribute("src")
+        browser.find_element(By.CSS_SELECTOR, "#finding input").click()
+        _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, f"#finding [role=option][aria-label='{lowest}']"),
+              "the finding choices")[0].click()
+        _wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#saliency [data-testid=block-label]").text
+              == f"Saliency map: {lowest}", "the map of another finding")
+        _wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#saliency img").get_attribute("src") != shown,
+              "a new overlay")
+
         # CheXpert-14: every finding scored.
         browser.find_element(By.CSS_SELECTOR, "input[type=radio][value='CheXpert-14']").click()
         browser.find_element(By.ID, "analyse").click()
         _wait(browser, lambda d: len(_table(d, "scores")) == 14, "fourteen score rows")
         scores = expected.classify(image, "CheXpert-14").scores
+        assert {row[0]: float(row[1]) for row in _table(browser, "scores")} == pytest.approx(scores, abs=1e-3)
+
+        # Labels typed by the user.
+        browser.find_element(By.CSS_SELECTOR, f"input[type=radio][value='{app.CUSTOM_LABELS}']").click()
+        _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#labels textarea, #labels input"), "the labels box")
+        browser.find_element(By.CSS_SELECTOR, "#labels textarea, #labels input").send_keys(TYPED_LABELS)
+        browser.find_element(By.ID, "analyse").click()
+        _wait(browser, lambda d: len(_table(d, "scores")) == 3, "three score rows")
+        scores = expected.classify(image, app.CUSTOM_LABELS, TYPED_LABELS).scores
         assert {row[0]: float(row[1]) for row in _table(browser, "scores")} == pytest.approx(scores, abs=1e-3)
 
         # A pasted report: the labeler's 14 labels with their phrases.
@@ -255,6 +307,12 @@ def test_app_in_a_real_browser(browser, model_dir, reports_dir, covid_cxr_dir, t
             _wait(browser, lambda d: f"{path.name} is not a readable" in _message(d), f"the message about {path.name}")
             assert "Cannot use this upload" in _message(browser)
             assert _table(browser, "scores") == []
+
+        # The same X-ray as a 12-bit DICOM file is scored like the JPEG.
+        dicom = write_dicom(tmp_path / "xray.dcm", np.asarray(image, dtype=np.uint16) * 16, "MONOCHROME2", 12)
+        _upload(browser, dicom)
+        _wait(browser, lambda d: "xray.dcm" in _message(d) and "Highest score" in _message(d), "the DICOM's scores")
+        assert {row[0]: float(row[1]) for row in _table(browser, "scores")} == pytest.approx(scores, abs=1e-3)
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -10,7 +10,8 @@ from transformers import AutoTokenizer
 
 from modeling_medclip import MedCLIPImageProcessor, MedCLIPModel, MedCLIPProcessor
 
-Figure = pytest.importorskip("matplotlib.figure", reason="the demo needs matplotlib: pip install medclip-hf[demo]").Figure
+Figure = pytest.importorskip("matplotlib.figure", reason="the demo needs matplotlib: pip install medclip-hf[demo]")
+Figure = Figure.Figure
 from modeling_medclip.demo import (  # noqa: E402
     CUSTOM_LABELS,
     MAX_CACHED_CLASSIFIERS,

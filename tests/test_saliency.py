@@ -4,10 +4,10 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import tiny_config
-from transformers import AutoTokenizer
+from conftest import tiny_config, tiny_text_config
+from transformers import AutoTokenizer, ConvNextConfig, DeiTConfig
 
-from modeling_medclip import MedCLIPImageProcessor, MedCLIPModel, MedCLIPProcessor
+from modeling_medclip import MedCLIPConfig, MedCLIPImageProcessor, MedCLIPModel, MedCLIPProcessor
 
 pytest.importorskip("matplotlib", reason="saliency overlays need matplotlib: pip install medclip-hf[demo]")
 from modeling_medclip.saliency import _heatmap_on_image, image_text_saliency, overlay_heatmap  # noqa: E402
@@ -51,6 +51,24 @@ def test_heatmap_changes_with_the_text(vision, processor, xray):
     normal = image_text_saliency(model, processor, xray, NORMAL)
     assert np.abs(effusion.heatmap - normal.heatmap).max() > 1e-2
     assert effusion.similarity != pytest.approx(normal.similarity)
+
+
+@pytest.mark.parametrize(
+    "vision_config",
+    [
+        ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2),  # feature map, layer-normed pooling
+        DeiTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                   intermediate_size=20),  # class and distillation tokens before the patches
+    ],
+    ids=["convnext", "deit"],
+)
+def test_other_towers_of_the_registry(vision_config, processor, xray):
+    torch.manual_seed(0)
+    model = MedCLIPModel(MedCLIPConfig(vision_config=vision_config, text_config=tiny_text_config(), projection_dim=16))
+    effusion = image_text_saliency(model.eval(), processor, xray, EFFUSION)
+    normal = image_text_saliency(model, processor, xray, NORMAL)
+    assert effusion.heatmap.shape == (xray.height, xray.width) and effusion.heatmap.max() == pytest.approx(1.0)
+    assert np.abs(effusion.heatmap - normal.heatmap).max() > 1e-2
 
 
 def test_similarity_is_the_models_cosine_similarity(processor, xray):
