@@ -26,6 +26,7 @@ the adapter.
 [`push_adapter_to_hub`] uploads the adapter with that card.
 """
 
+import math
 import re
 import types
 from collections.abc import Sequence
@@ -230,10 +231,8 @@ def apply_adapters(
 
 def adapter_model_card(
     base_model: str,
-    eval_results: dict[str, float],
+    eval_results: dict[str, dict[str, float]],
     *,
-    dataset_name: str,
-    dataset_type: str | None = None,
     task_type: str = "image-classification",
     model_name: str | None = None,
     description: str = "",
@@ -241,38 +240,38 @@ def adapter_model_card(
     """The model card of an adapter repo: `base_model` and the evaluation results as `model-index` metadata.
 
     Args:
-        base_model: the Hub id of the model the adapter applies to.
-        eval_results: `{metric name: value}` measured with the adapter (e.g. `{"roc_auc": 0.91}`).
-        dataset_name, dataset_type: the evaluation data (`dataset_type` defaults to a slug of the name).
-        task_type: the Hub task of the results.
+        base_model: the Hub id (or folder) of the model the adapter applies to.
+        eval_results: `{dataset name: {metric name: value}}` measured with the adapter; non-finite values are left
+            out.
+        task_type: the Hub task of the results (`"image-classification"`, `"zero-shot-image-classification"`).
         model_name: the name in the card (defaults to "<base_model> adapter").
         description: a paragraph on how the adapter was trained.
     """
-    if not eval_results:
-        raise ValueError("`eval_results` is empty: an adapter card carries at least one measured result")
     model_name = model_name or f"{base_model} adapter"
-    dataset_type = dataset_type or re.sub(r"[^a-z0-9]+", "-", dataset_name.lower()).strip("-")
+    entries = [
+        EvalResult(
+            task_type=task_type,
+            dataset_type=re.sub(r"[^a-z0-9]+", "-", dataset.lower()).strip("-"),
+            dataset_name=dataset,
+            metric_type=name,
+            metric_value=float(value),
+        )
+        for dataset, values in eval_results.items()
+        for name, value in values.items()
+        if math.isfinite(value)
+    ]
     card_data = ModelCardData(
         base_model=base_model,
         library_name="peft",
         tags=["medclip-hf", "peft", "medical-imaging"],
         model_name=model_name,
-        eval_results=[
-            EvalResult(
-                task_type=task_type,
-                dataset_type=dataset_type,
-                dataset_name=dataset_name,
-                metric_type=name,
-                metric_value=float(value),
-            )
-            for name, value in eval_results.items()
-        ],
+        eval_results=entries or None,
     )
-    rows = "\n".join(f"| {name} | {value:.4f} |" for name, value in eval_results.items())
+    rows = "\n".join(f"| {entry.dataset_name} | {entry.metric_type} | {entry.metric_value:.4f} |" for entry in entries)
+    results = f"## Evaluation\n\n| data | metric | value |\n|---|---|---:|\n{rows}\n\n" if entries else ""
     content = (
         f"---\n{card_data.to_yaml()}\n---\n\n# {model_name}\n\n"
-        f"An adapter for [`{base_model}`](https://huggingface.co/{base_model}), trained with medclip-hf and `peft`.\n\n"
-        f"{description}\n\n## Evaluation on {dataset_name}\n\n| metric | value |\n|---|---:|\n{rows}\n\n"
+        f"An adapter for `{base_model}`, trained with medclip-hf and `peft`. {description}\n\n{results}"
         "## Usage\n\n```python\nfrom peft import PeftModel\nfrom transformers import AutoModel\n\n"
         f'base = AutoModel.from_pretrained("{base_model}", trust_remote_code=True)\n'
         'model = PeftModel.from_pretrained(base, "<this repo>")\n```\n'

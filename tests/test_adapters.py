@@ -194,7 +194,7 @@ def test_adapter_push_to_hub_and_load_back_both_ways(hub_server, processor, xray
     with torch.no_grad():
         adapted = peft_model(**inputs).logits_per_image
     auc = _zero_shot_auc(peft_model, processor, images, labels)
-    card = adapter_model_card("user/medclip-tiny", {"roc_auc": auc}, dataset_name="pediatric-pneumonia-cxr (8 images)",
+    card = adapter_model_card("user/medclip-tiny", {"pediatric-pneumonia-cxr (8 images)": {"roc_auc": auc}},
                               description="Three AdamW steps of LoRA on both towers and both heads.")
     push_adapter_to_hub(peft_model, "user/medclip-tiny-lora", card)
 
