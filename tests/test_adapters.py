@@ -3,22 +3,16 @@ trip (PeftModel.from_pretrained and transformers' load_adapter), adapter cards a
 
 import copy
 
-import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_config
 from huggingface_hub import ModelCard
 from peft import PeftModel, get_peft_model
-from PIL import Image
-from transformers import AutoModel, AutoTokenizer, pipeline
+from support.pneumonia import build_processor, sample_xrays
+from transformers import AutoModel, pipeline
 
-from modeling_medclip import (
-    MedCLIPForImageClassification,
-    MedCLIPImageProcessor,
-    MedCLIPModel,
-    MedCLIPProcessor,
-)
+from modeling_medclip import MedCLIPForImageClassification, MedCLIPModel
 from modeling_medclip.adapters import (
     adapter_model_card,
     apply_adapters,
@@ -44,18 +38,13 @@ EXPECTED_SUFFIXES = {
 
 @pytest.fixture(scope="module")
 def processor(tokenizer_dir):
-    image_processor = MedCLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    return MedCLIPProcessor(image_processor, AutoTokenizer.from_pretrained(tokenizer_dir))
+    return build_processor(tokenizer_dir, size=32)
 
 
 @pytest.fixture(scope="module")
 def xrays(shared_data):
-    """Eight real pediatric chest X-rays, four normal and four pneumonia, with their labels (1 = pneumonia)."""
-    root = shared_data / "pediatric-pneumonia-cxr"
-    metadata = pd.read_csv(root / "metadata.csv")
-    metadata = pd.concat([metadata[metadata.label == "normal"].head(4), metadata[metadata.label != "normal"].head(4)])
-    images = [Image.open(root / path).convert("L") for path in metadata.image]
-    return images, torch.tensor((metadata.label != "normal").to_numpy(), dtype=torch.long)
+    """Real pediatric chest X-rays, 4 normal and 4 pneumonia, with their labels (1 = pneumonia)."""
+    return sample_xrays(shared_data / "pediatric-pneumonia-cxr", per_class=4)
 
 
 def _base(vision="resnet", seed=0):

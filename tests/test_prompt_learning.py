@@ -1,14 +1,13 @@
 """CoOp learned prompt context: its inputs, training with frozen towers, safetensors round trip, and its use by
 ZeroShotClassifier and the exported zero-shot head."""
 
-import pandas as pd
 import pytest
 import torch
 from conftest import tiny_config
-from PIL import Image
-from transformers import AutoTokenizer, pipeline
+from support.pneumonia import build_processor, sample_xrays
+from transformers import pipeline
 
-from modeling_medclip import MedCLIPImageProcessor, MedCLIPModel, MedCLIPProcessor
+from modeling_medclip import MedCLIPModel
 from modeling_medclip.prompt_learning import CONTEXT_FILE, PromptContext, train_prompt_context
 from modeling_medclip.zero_shot import ZeroShotClassifier, export_zero_shot_head
 
@@ -18,8 +17,7 @@ INIT = "chest x-ray showing"
 
 @pytest.fixture(scope="module")
 def processor(tokenizer_dir):
-    image_processor = MedCLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    return MedCLIPProcessor(image_processor, AutoTokenizer.from_pretrained(tokenizer_dir))
+    return build_processor(tokenizer_dir, size=32)
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +29,8 @@ def model():
 
 @pytest.fixture(scope="module")
 def xrays(shared_data):
-    root = shared_data / "pediatric-pneumonia-cxr"
-    metadata = pd.read_csv(root / "metadata.csv")
-    metadata = pd.concat([metadata[metadata.label == "normal"].head(6), metadata[metadata.label != "normal"].head(6)])
-    images = [Image.open(root / path).convert("L") for path in metadata.image]
-    return images, torch.tensor((metadata.label != "normal").to_numpy(), dtype=torch.long)
+    """Real pediatric chest X-rays, 6 normal and 6 pneumonia, with their labels (1 = pneumonia)."""
+    return sample_xrays(shared_data / "pediatric-pneumonia-cxr", per_class=6)
 
 
 def test_context_initialised_from_text_equals_the_hand_written_prompt(model, processor):
