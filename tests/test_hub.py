@@ -1,12 +1,16 @@
 """Hub round trips against the local Hub-compatible server (tests/hub_server.py) with the real, unmodified clients."""
 
+import base64
 import hashlib
 import json
 import logging
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import torch
@@ -148,6 +152,88 @@ def test_not_found_errors_and_auth(hub_server, tmp_path):
     with pytest.raises(HfHubHTTPError) as error:
         HfApi(token=False).upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id="user/errors")
     assert error.value.response.status_code == 401
+
+
+def post_json(hub_server, route: str, payload: dict | str) -> tuple[int, str]:
+    """A raw, authorized POST to the server (the client validates names itself; a hostile caller does not)."""
+    body = payload if isinstance(payload, str) else json.dumps(payload)
+    request = urllib.request.Request(
+        f"{hub_server.endpoint}{route}",
+        data=body.encode(),
+        headers={"Authorization": "Bearer x", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def all_paths(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"type": "../../outside/", "name": "victim"},  # the old server deleted tmp_path/outside/s/user/victim
+        {"type": "../../outside/s/", "organization": "user", "name": "victim"},
+        {"type": "model", "organization": "..", "name": "outside"},
+        {"type": "model", "organization": ".", "name": "user"},  # would make the namespace folder `user` a repo
+        {"type": "model", "organization": "user", "name": "."},
+        {"type": "model", "name": "../user"},
+        {"type": "model", "name": "a/b"},
+    ],
+)
+def test_server_refuses_repo_names_outside_its_root(hub_server, tmp_path, payload):
+    HfApi().create_repo("user/victim")
+    outside = tmp_path / "outside" / "s" / "user" / "victim"  # root/repos/<type>s/user/victim for type ../../outside/
+    outside.mkdir(parents=True)
+    (outside / "refs.json").write_text("{}")
+    before, root_before = all_paths(tmp_path / "outside"), all_paths(hub_server.root)
+    for route in ("/api/repos/delete", "/api/repos/create"):
+        status, body = post_json(hub_server, route, payload)
+        assert status == 400, (route, status, body)
+    assert all_paths(tmp_path / "outside") == before
+    assert all_paths(hub_server.root) == root_before
+    assert HfApi().list_repo_files("user/victim") == [".gitattributes"]
+
+
+@pytest.mark.parametrize(
+    "name", ["", "-lead", "trail-", ".dot", "dot.", "a--b", "a..b", "x.git", "caf\u00e9", "a b", "a" * 97, None]
+)
+def test_server_applies_the_hub_naming_rules(hub_server, name):
+    status, body = post_json(hub_server, "/api/repos/create", {"type": "model", "name": name})
+    assert status == 400 and "Invalid repo name" in body
+    assert post_json(hub_server, "/api/repos/create", {"type": "model", "organization": name or "-", "name": "ok"})[0] == 400
+    assert post_json(hub_server, "/api/repos/create", {"type": "weights", "name": "ok"})[0] == 400
+    assert post_json(hub_server, "/api/repos/create", {"type": "model", "name": "a" * 96})[0] == 200
+    assert post_json(hub_server, "/api/repos/create", {"type": "dataset", "name": "Ok_name-1.2"})[0] == 200
+
+
+@pytest.mark.parametrize(
+    "path", ["../escape.txt", "a/../../escape.txt", "./a.txt", "a/./b.txt", "/abs.txt", "a//b.txt", ".git/config",
+             "a/.git/hooks/x", "", "a/", "back\\slash.txt", "nul\x00.txt"],
+)  # fmt: skip
+def test_server_refuses_file_paths_outside_the_repo(hub_server, path):
+    HfApi().create_repo("user/paths")
+    header = {"key": "header", "value": {"summary": "hostile", "description": ""}}
+    operation = {"key": "file", "value": {"path": path, "content": base64.b64encode(b"x").decode(), "encoding": "base64"}}
+    commit = "\n".join(json.dumps(line) for line in (header, operation))
+    assert post_json(hub_server, "/api/models/user/paths/commit/main", commit)[0] == 400
+    preupload = {"files": [{"path": path, "size": 1, "sample": ""}]}
+    assert post_json(hub_server, "/api/models/user/paths/preupload/main", preupload)[0] == 400
+    assert HfApi().list_repo_files("user/paths") == [".gitattributes"]
+    deleted = {"key": "deletedFolder", "value": {"path": path}}
+    status, _ = post_json(hub_server, "/api/models/user/paths/commit/main", "\n".join(map(json.dumps, (header, deleted))))
+    assert status == 400 or path == "a/"  # a folder path may end with "/" (then it does not exist: 404)
+
+
+def test_server_refuses_bad_branch_names(hub_server):
+    HfApi().create_repo("user/refs")
+    for branch in ("..", "a/../b", ".hidden", "x.lock", "a:b", "a b", "a@{1}"):
+        assert post_json(hub_server, f"/api/models/user/refs/branch/{quote(branch, safe='')}", {})[0] == 400, branch
+    assert [ref.name for ref in HfApi().list_repo_refs("user/refs").branches] == ["main"]
 
 
 def test_transformers_push_to_hub_and_from_pretrained(hub_server):
