@@ -8,7 +8,8 @@ A checkpoint is one folder `<output_dir>/checkpoint-<step>/`:
     scaler.pt                              the fp16 gradient scaler, when there is one
     rng_state_<rank>.pt                    Python, NumPy and torch RNG states of each process
     data_state_<rank>.json                 the position of each process in its training stream
-    trainer_state.json                     global step, best metric so far, number of processes
+    trainer_state.json                     global step, best metric so far, number of processes, the settings of
+                                           the run and their fingerprint (`settings_fingerprint`)
 
 Every process writes its own files into a temporary folder `.checkpoint-<step>.tmp` next to the final one; once all
 are written (barrier), the main process `fsync`s every file and the folder, renames it with `os.replace` and
@@ -21,7 +22,9 @@ yet on the Hub).
 """
 
 import errno
+import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -32,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -57,16 +62,59 @@ def sorted_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
 
 
 def resolve_checkpoint(resume_from_checkpoint: str | None, output_dir: str | os.PathLike) -> Path | None:
-    """`"latest"` -> the newest checkpoint of `output_dir` (None when there is none); a path -> that folder."""
+    """`"latest"` -> the newest checkpoint of `output_dir` (None, with a warning that the run starts from scratch,
+    when there is none); a path -> that folder."""
     if not resume_from_checkpoint:
         return None
     if resume_from_checkpoint == "latest":
         checkpoints = sorted_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else None
+        if not checkpoints:
+            logger.warning(
+                "--resume_from_checkpoint latest: no checkpoint in %s, so this run starts from scratch.", output_dir
+            )
+            return None
+        return checkpoints[-1]
     path = Path(resume_from_checkpoint)
     if not (path / TRAINER_STATE_NAME).is_file():
         raise ValueError(f"--resume_from_checkpoint {path}: not a checkpoint folder (no {TRAINER_STATE_NAME})")
     return path
+
+
+def settings_fingerprint(settings: dict) -> str:
+    """A SHA-256 of `settings` (JSON-able; key order does not matter): what a checkpoint stores to recognise its run."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def check_checkpoint_settings(checkpoint: str | os.PathLike, settings: dict, allow_mismatch: bool = False) -> None:
+    """Refuse to resume from `checkpoint` when it was written with other `settings` than this run's.
+
+    The checkpoint's `trainer_state.json` holds the `settings` and `settings_fingerprint` of the run that wrote it
+    (see [`write_checkpoint`]'s `trainer_state`). Raises a `ValueError` listing every setting that differs, unless
+    `allow_mismatch` (then it is logged as a warning). Checkpoints without a fingerprint (older ones) are accepted
+    with a warning.
+    """
+    checkpoint = Path(checkpoint)
+    saved = json.loads((checkpoint / TRAINER_STATE_NAME).read_text())
+    if "settings_fingerprint" not in saved:
+        logger.warning("%s stores no settings fingerprint: it cannot be checked against this run's settings.", checkpoint)
+        return
+    if saved["settings_fingerprint"] == settings_fingerprint(settings):
+        return
+    old = saved.get("settings", {})
+    changes = [
+        f"{key}: {old.get(key, '<unset>')!r} -> {settings.get(key, '<unset>')!r}"
+        for key in sorted(set(old) | set(settings))
+        if json.dumps(old.get(key), default=str) != json.dumps(settings.get(key), default=str)
+    ]
+    message = (
+        f"{checkpoint} was written by a run with other settings ({'; '.join(changes) or 'fingerprint differs'})."
+    )
+    if not allow_mismatch:
+        raise ValueError(
+            f"{message} Resuming would mix two runs: use another --output_dir, the same settings, or "
+            "--ignore_settings_mismatch to resume from it anyway."
+        )
+    logger.warning("%s Resuming anyway (--ignore_settings_mismatch).", message)
 
 
 def rng_state() -> dict:
@@ -303,6 +351,7 @@ def save_pretrained_atomic(folder: str | os.PathLike, model, processor=None, ext
 __all__ = [
     "CHECKPOINT_PREFIX",
     "CheckpointWriteError",
+    "check_checkpoint_settings",
     "checkpoint_step",
     "is_disk_full",
     "read_checkpoint",
@@ -311,6 +360,7 @@ __all__ = [
     "rng_state",
     "save_pretrained_atomic",
     "set_rng_state",
+    "settings_fingerprint",
     "sorted_checkpoints",
     "write_checkpoint",
 ]

@@ -1,12 +1,23 @@
 """Checkpoint folders: atomic writes made durable, rotation that spares what is not yet on the Hub, disk-full errors."""
 
 import errno
+import logging
 import os
 from pathlib import Path
 
+import pytest
 from support.checkpoint_worker import TinyRun
 
-from modeling_medclip.checkpointing import is_disk_full, rotate_checkpoints, save_pretrained_atomic, sorted_checkpoints
+from modeling_medclip.checkpointing import (
+    check_checkpoint_settings,
+    is_disk_full,
+    resolve_checkpoint,
+    rotate_checkpoints,
+    save_pretrained_atomic,
+    settings_fingerprint,
+    sorted_checkpoints,
+    write_checkpoint,
+)
 
 
 def test_every_file_and_the_folder_are_fsynced_before_the_rename(tmp_path, monkeypatch):
@@ -60,3 +71,27 @@ def test_disk_full_is_recognised_through_wrapped_errors():
         assert is_disk_full(error)  # torch's zip writer hides the OSError in __context__
     assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
     assert not is_disk_full(ValueError("bad value"))
+
+
+def test_a_checkpoint_of_other_settings_is_refused_unless_allowed(tmp_path, caplog):
+    settings = {"learning_rate": 1e-4, "loss_type": "semantic", "seed": 0}
+    run = TinyRun()
+    folder = write_checkpoint(
+        run.accelerator, tmp_path, 1, model=run.model, processor=None, optimizer=run.optimizer,
+        scheduler=run.scheduler, data_state={},
+        trainer_state={"global_step": 1, "settings": settings, "settings_fingerprint": settings_fingerprint(settings)},
+    )  # fmt: skip
+    check_checkpoint_settings(folder, dict(reversed(settings.items())))  # same settings, other order: accepted
+    other = {**settings, "learning_rate": 5e-4, "batching": "decoupled"}
+    changes = r"other settings \(batching: '<unset>' -> 'decoupled'; learning_rate: 0.0001 -> 0.0005\)"
+    with pytest.raises(ValueError, match=changes + ".*--ignore_settings_mismatch"):
+        check_checkpoint_settings(folder, other)
+    with caplog.at_level(logging.WARNING, logger="modeling_medclip.checkpointing"):
+        check_checkpoint_settings(folder, other, allow_mismatch=True)
+    assert "Resuming anyway" in caplog.text
+
+
+def test_latest_without_a_checkpoint_says_it_starts_from_scratch(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="modeling_medclip.checkpointing"):
+        assert resolve_checkpoint("latest", tmp_path) is None
+    assert "starts from scratch" in caplog.text and str(tmp_path) in caplog.text
