@@ -235,3 +235,34 @@ def test_lazy_images_decode_one_file_at_a_time_and_name_the_bad_one(bad_images, 
     truncated = next(image.path for image in bad_images if image.kind == "truncated JPEG")
     with pytest.raises(ValueError, match="truncated.jpg"):
         LazyImages([*good, truncated])[len(good)]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Killed runs
+# ---------------------------------------------------------------------------------------------------------------------
+
+TINY_RUN = ["--preset", "tiny", "--disable_tqdm", "--max_steps", "6", "--save_steps", "1", "--eval_steps", "0",
+            "--lr_scheduler_type", "constant", "--zero_shot_eval", "false"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_then_resume_is_bit_exact(tmp_path, shared_data):
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "tests" / "support" / "kill_worker.py"), str(tmp_path), "--kills", "20",
+         "--seed", "13", "--", *TINY_RUN],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "MEDCLIP_SHARED_DATA": str(shared_data)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    header, *trials = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert header["steps"] == 6
+    killed = [trial for trial in trials if trial["killed"]]
+    assert len(killed) == 20
+    for trial in trials:
+        assert trial["code"] == 0, trial.get("log")
+        assert trial["weights_equal"] and trial["losses_equal"], trial
+    # the seeded schedule hit every phase: before the first checkpoint (resumed from scratch), while one was being
+    # written (a partial .checkpoint-N.tmp left), and after some were finished (resumed from the latest)
+    before_any = [t for t in killed if not any(name.startswith("checkpoint-") for name in t["left"])]
+    while_writing = [t for t in killed if any(name.endswith(".tmp") for name in t["left"])]
+    assert before_any and while_writing and len(killed) - len(before_any) >= 5
