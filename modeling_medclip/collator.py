@@ -55,7 +55,11 @@ logger = logging.getLogger(__name__)
 
 
 def decode_image(
-    image: Any, name: str, decode_size: int | None = None, max_image_pixels: int | None = MAX_IMAGE_PIXELS
+    image: Any,
+    name: str,
+    decode_size: int | None = None,
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS,
+    high_bit_depth_scaling: str = "bit_depth",
 ) -> PIL.Image.Image:
     """Decode one image source into an 8-bit grayscale PIL image: the one decoding path of training and evaluation.
 
@@ -67,6 +71,7 @@ def decode_image(
             decoding (JPEG DCT scaling; not DICOM); `None` keeps the full resolution.
         max_image_pixels (`int`, *optional*): images with more pixels are refused (JPEGs decoded reduced to fit), see
             `modeling_medclip.image_processing_medclip.MAX_IMAGE_PIXELS`; `None` for no limit.
+        high_bit_depth_scaling (`str`): how images of more than 8 bits reach 8 bits (see `MedCLIPImageProcessor`).
 
     Raises:
         `ValueError` naming the image when it is missing, empty, corrupt, truncated, not an image, over the pixel
@@ -76,10 +81,12 @@ def decode_image(
         image = image.get("bytes") or image.get("path")
     if isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)):
         source_name = None if isinstance(image, (str, os.PathLike)) else name
-        array = load_grayscale_image(image, max_image_pixels=max_image_pixels, max_size=decode_size, name=source_name)
+        array = load_grayscale_image(
+            image, high_bit_depth_scaling, max_image_pixels=max_image_pixels, max_size=decode_size, name=source_name
+        )
         return PIL.Image.fromarray(array, mode="L")
     if isinstance(image, PIL.Image.Image):
-        return PIL.Image.fromarray(to_grayscale_uint8(image, max_image_pixels=max_image_pixels), mode="L")
+        return PIL.Image.fromarray(to_grayscale_uint8(image, high_bit_depth_scaling, max_image_pixels), mode="L")
     raise ValueError(f"Image of {name!r} has unsupported type {type(image).__name__}")
 
 
@@ -90,9 +97,22 @@ class LazyImages(Sequence):
     of files is open or decoded at a time, DICOM is read, and a bad file raises a `ValueError` naming it.
     """
 
-    def __init__(self, sources: Sequence, max_image_pixels: int | None = MAX_IMAGE_PIXELS):
+    def __init__(
+        self,
+        sources: Sequence,
+        max_image_pixels: int | None = MAX_IMAGE_PIXELS,
+        high_bit_depth_scaling: str = "bit_depth",
+    ):
         self.sources = list(sources)
         self.max_image_pixels = max_image_pixels
+        self.high_bit_depth_scaling = high_bit_depth_scaling
+
+    @classmethod
+    def for_processor(cls, sources: Sequence, image_processor=None) -> "LazyImages":
+        """`sources` decoded with the pixel limit and high-bit-depth scaling of `image_processor` (if given)."""
+        if image_processor is None:
+            return cls(sources)
+        return cls(sources, image_processor.max_image_pixels, image_processor.high_bit_depth_scaling)
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -105,7 +125,9 @@ class LazyImages(Sequence):
     def _decode(self, index: int) -> PIL.Image.Image:
         source = self.sources[index]
         name = str(source) if isinstance(source, (str, os.PathLike)) else f"image #{index}"
-        return decode_image(source, name, max_image_pixels=self.max_image_pixels)
+        return decode_image(
+            source, name, max_image_pixels=self.max_image_pixels, high_bit_depth_scaling=self.high_bit_depth_scaling
+        )
 
 
 class MedCLIPCollator:
