@@ -155,17 +155,22 @@ class CheckpointWriteError(OSError):
         self.disk_full = disk_full
 
 
-def is_disk_full(error: BaseException | None) -> bool:
-    """Whether `error` (or an error it was raised from) says that the disk, a quota or a file-size limit is full."""
+def _disk_full_error(error: BaseException | None) -> BaseException | None:
+    """The error of `error`'s chain (causes and contexts) that says the disk is full, if any."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
-            return True
+            return error
         if any(message in str(error) for message in _DISK_FULL_MESSAGES):
-            return True
+            return error
         error = error.__cause__ or error.__context__
-    return False
+    return None
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """Whether `error` (or an error it was raised from) says that the disk, a quota or a file-size limit is full."""
+    return _disk_full_error(error) is not None
 
 
 @contextmanager
@@ -175,14 +180,14 @@ def _writing(folder: Path, tmp: Path):
         yield
     except Exception as error:
         shutil.rmtree(tmp, ignore_errors=True)  # a partial folder is useless, and on a full disk its space is needed
-        disk_full = is_disk_full(error)
+        full = _disk_full_error(error)
         finished = ", ".join(p.name for p in sorted_checkpoints(folder.parent)) or "none"
-        reason = "the disk is full (or a quota / file-size limit was reached)" if disk_full else "writing failed"
+        reason = "the disk is full (or a quota / file-size limit was reached)" if full else "writing failed"
         raise CheckpointWriteError(
-            f"{folder} was not written: {reason}: {error}. The finished checkpoints in {folder.parent} are intact "
-            f"({finished}).",
+            f"{folder} was not written: {reason}: {full or error}. The finished checkpoints in {folder.parent} are "
+            f"intact ({finished}).",
             folder,
-            disk_full,
+            full is not None,
         ) from error
 
 

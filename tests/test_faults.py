@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from support.bad_inputs import BAD_TEXTS, BadImage, gradient, write_bad_images
 from support.checkpoint_worker import TinyRun
 
 from modeling_medclip.augmentation import build_augmentation
-from modeling_medclip.checkpointing import CheckpointWriteError, read_checkpoint, sorted_checkpoints
+from modeling_medclip.checkpointing import CheckpointWriteError, read_checkpoint, rotate_checkpoints, sorted_checkpoints
 from modeling_medclip.collator import LazyImages, MedCLIPCollator, decode_image
 from modeling_medclip.image_processing_medclip import MedCLIPImageProcessor, load_grayscale_image
 from modeling_medclip.processing_medclip import MedCLIPProcessor
@@ -46,11 +47,11 @@ def folder_digest(folder: Path) -> dict[str, str]:
 
 @pytest.fixture
 def small_tmpfs(tmp_path):
-    """A 24 MB tmpfs mounted at `tmp_path / "disk"` (needs the right to mount; skipped with a message otherwise)."""
+    """A 64 MB tmpfs mounted at `tmp_path / "disk"` (needs the right to mount; skipped with a message otherwise)."""
     mount_point = tmp_path / "disk"
     mount_point.mkdir()
     result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount_point)], capture_output=True, text=True
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount_point)], capture_output=True, text=True
     )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here ({result.stderr.strip() or result.returncode}); the "
@@ -58,7 +59,7 @@ def small_tmpfs(tmp_path):
     try:
         yield mount_point
     finally:
-        subprocess.run(["umount", str(mount_point)], check=True)
+        subprocess.run(["umount", "--lazy", str(mount_point)], check=True)
 
 
 def fill(disk: Path, leave: int) -> None:
@@ -242,7 +243,7 @@ def test_lazy_images_decode_one_file_at_a_time_and_name_the_bad_one(bad_images, 
 # ---------------------------------------------------------------------------------------------------------------------
 
 TINY_RUN = ["--preset", "tiny", "--disable_tqdm", "--max_steps", "6", "--save_steps", "1", "--eval_steps", "0",
-            "--lr_scheduler_type", "constant", "--zero_shot_eval", "false"]  # fmt: skip
+            "--lr_scheduler_type", "constant", "--max_eval_samples", "8", "--max_eval_images", "8"]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -266,3 +267,168 @@ def test_kill_9_at_random_moments_then_resume_is_bit_exact(tmp_path, shared_data
     before_any = [t for t in killed if not any(name.startswith("checkpoint-") for name in t["left"])]
     while_writing = [t for t in killed if any(name.endswith(".tmp") for name in t["left"])]
     assert before_any and while_writing and len(killed) - len(before_any) >= 5
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training runs: the token, other settings, a Hub outage, a full disk, a torn metrics line, bad files
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """Each run builds its own Accelerator; Accelerate keeps process-wide singletons otherwise."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield lambda: (AcceleratorState._reset_state(reset_partial_state=True), GradientState._reset_state())
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def tiny_run(output_dir, *flags):
+    from modeling_medclip.training import parse_args
+
+    return parse_args([*TINY_RUN, "--output_dir", str(output_dir), *flags])
+
+
+def all_text(folder: Path) -> str:
+    return "".join(p.read_bytes().decode("latin-1") for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.mark.slow
+def test_the_hub_token_is_never_written_or_given_to_trackers(hub_server, tmp_path, shared_data, fresh_accelerate):
+    from huggingface_hub import snapshot_download
+
+    from modeling_medclip.training import train
+    from modeling_medclip.training.arguments import public_arguments
+    from modeling_medclip.training.loop import _flat_config
+
+    secret = "hf_DoNotLeakThisToken0123456789"
+    args = tiny_run(tmp_path / "run", "--max_steps", "2", "--push_to_hub", "--hub_model_id", "user/token-run",
+                    "--hub_token", secret)  # fmt: skip
+    assert secret not in repr(args) and secret not in json.dumps(public_arguments(args))
+    assert secret not in json.dumps(_flat_config(args))  # what the trackers get
+    result = train(args)
+    assert result.hub_errors == []
+    assert secret not in all_text(tmp_path / "run")
+    assert "hub_token" not in json.loads((tmp_path / "run" / "final" / "training_args.json").read_text())["training"]
+    assert secret not in all_text(Path(snapshot_download("user/token-run")))
+
+
+@pytest.mark.slow
+def test_resuming_a_run_of_other_settings_is_refused_unless_told(tmp_path, shared_data, fresh_accelerate, caplog):
+    from modeling_medclip.training import train
+
+    train(tiny_run(tmp_path / "run", "--max_steps", "2"))
+    fresh_accelerate()
+    with pytest.raises(ValueError, match=r"other settings \(learning_rate: 0.001 -> 0.002\).*--ignore_settings_mismatch"):
+        train(tiny_run(tmp_path / "run", "--max_steps", "3", "--learning_rate", "2e-3", "--resume_from_checkpoint", "latest"))
+    fresh_accelerate()
+    with caplog.at_level(logging.WARNING):
+        result = train(tiny_run(tmp_path / "run", "--max_steps", "3", "--learning_rate", "2e-3",
+                                "--resume_from_checkpoint", "latest", "--ignore_settings_mismatch"))  # fmt: skip
+    assert result.global_step == 3 and "Resuming anyway" in caplog.text
+    fresh_accelerate()
+    assert train(tiny_run(tmp_path / "run", "--max_steps", "4", "--learning_rate", "2e-3",
+                          "--resume_from_checkpoint", "latest")).global_step == 4  # more steps: the same run
+
+
+def test_every_bad_argument_is_named_before_anything_runs(tmp_path):
+    from modeling_medclip.training import train
+
+    flags = ["--batching", "decoupled", "--loss_type", "infonce", "--head_learning_rate", "-1", "--weight_decay", "-0.1",
+             "--warmup_steps", "-5", "--label_similarity_scale", "-2", "--save_steps", "-1", "--max_steps", "0",
+             "--num_train_epochs", "0", "--logging_steps", "0", "--metric_for_best_model", "eval_covid-cxr/zero_shot_auc_typo",
+             "--image_size", "0"]  # fmt: skip
+    args = tiny_run(tmp_path / "run", *flags)
+    args.training.metric_for_best_model = "val_loss"
+    with pytest.raises(ValueError) as error:
+        train(args)
+    message = str(error.value)
+    for flag in ("--batching decoupled", "--head_learning_rate", "--weight_decay", "--warmup_steps",
+                 "--label_similarity_scale", "--save_steps", "--num_train_epochs", "--logging_steps",
+                 "--metric_for_best_model val_loss", "--image_size"):  # fmt: skip
+        assert flag in message, (flag, message)
+    assert message.startswith("10 bad argument(s)")
+    assert not (tmp_path / "run").exists()  # nothing was created (or deleted) before the check
+
+
+@pytest.mark.slow
+def test_max_length_beyond_the_text_tower_is_named(tmp_path, shared_data, fresh_accelerate):
+    from modeling_medclip.training import train
+
+    with pytest.raises(ValueError, match=r"--max_length 100000 is beyond the text tower's \d+ positions"):
+        train(tiny_run(tmp_path / "run", "--max_length", "100000"))
+
+
+@pytest.mark.slow
+def test_hub_outage_for_the_whole_run_then_the_next_run_uploads_everything(tmp_path, shared_data, monkeypatch,
+                                                                           fresh_accelerate):  # fmt: skip
+    from huggingface_hub import HfApi
+    from hub_server import point_clients_at, start_hub_server
+
+    from modeling_medclip.hub import UPLOAD_RECORD_NAME
+    from modeling_medclip.training import train
+
+    run_dir = tmp_path / "run"
+    flags = ["--max_steps", "4", "--save_steps", "1", "--save_total_limit", "1", "--push_to_hub",
+             "--hub_model_id", "user/outage", "--hub_revision", "ckpts", "--hub_upload_timeout", "10"]  # fmt: skip
+    with start_hub_server(tmp_path / "hub") as down:
+        point_clients_at(down, monkeypatch)
+    start = time.monotonic()
+    result = train(tiny_run(run_dir, *flags))  # the Hub refuses every connection during the whole run
+    elapsed = time.monotonic() - start
+    assert elapsed < 120, f"the run took {elapsed:.0f}s to end with the Hub down"  # not minutes of nested retries
+    assert result.global_step == 4 and len(result.hub_errors) == 5  # 4 checkpoints and final/, all reported
+    pending = [entry["folder"] for entry in json.loads((run_dir / UPLOAD_RECORD_NAME).read_text())["pending"]]
+    assert pending == ["checkpoint-1", "checkpoint-2", "checkpoint-3", "checkpoint-4", "final"]
+    assert [p.name for p in sorted_checkpoints(run_dir)] == pending[:4]  # rotation spared what is not uploaded
+
+    fresh_accelerate()
+    with start_hub_server(tmp_path / "hub") as hub:  # the Hub is back: the next run into the folder uploads it all
+        point_clients_at(hub, monkeypatch)
+        result = train(tiny_run(run_dir, *flags, "--resume_from_checkpoint", "latest"))
+        assert result.hub_errors == []
+        files = set(HfApi().list_repo_files("user/outage", revision="ckpts"))
+    assert {f"checkpoint-{step}/model.safetensors" for step in (1, 2, 3, 4)} | {"model.safetensors"} <= files
+    assert not (run_dir / UPLOAD_RECORD_NAME).exists()
+    rotate_checkpoints(run_dir, 1)
+    assert [p.name for p in sorted_checkpoints(run_dir)] == ["checkpoint-4"]
+
+
+@pytest.mark.slow
+def test_full_disk_during_a_run_keeps_the_finished_checkpoints_and_resumes_exactly(small_tmpfs, tmp_path, shared_data,
+                                                                                   fresh_accelerate):  # fmt: skip
+    from modeling_medclip.training import train
+
+    straight = train(tiny_run(tmp_path / "straight", "--max_steps", "4", "--save_steps", "2"))
+    fresh_accelerate()
+    run_dir = small_tmpfs / "run"
+    fill(small_tmpfs, leave=16 * 1024 * 1024)  # room for one checkpoint (about 12 MB), not two
+    # step 4 validates (best/ is saved) and then saves checkpoint-4: one of them meets the full disk
+    full = r"run/(best|checkpoint-4) was not written: the disk is full.*No space left on device.*\(checkpoint-2\)"
+    with pytest.raises(CheckpointWriteError, match=full):
+        train(tiny_run(run_dir, "--max_steps", "4", "--save_steps", "2"))
+    assert [p.name for p in sorted_checkpoints(run_dir)] == ["checkpoint-2"]
+    (small_tmpfs / "filler").unlink()
+    fresh_accelerate()
+    resumed = train(tiny_run(run_dir, "--max_steps", "4", "--save_steps", "2", "--resume_from_checkpoint", "latest"))
+    assert resumed.global_step == 4
+    assert load_file(run_dir / "final" / "model.safetensors").keys() == load_file(straight.final_model_dir / "model.safetensors").keys()
+    assert folder_digest(run_dir / "final")["model.safetensors"] == folder_digest(straight.final_model_dir)["model.safetensors"]
+
+
+@pytest.mark.slow
+def test_a_torn_last_metrics_line_is_ignored_on_resume(tmp_path, shared_data, fresh_accelerate, caplog):
+    from modeling_medclip.training import train
+
+    train(tiny_run(tmp_path / "run", "--max_steps", "2", "--save_steps", "2"))
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as file:
+        file.write('{"step": 3, "loss": 2.1')  # what a kill in the middle of a write leaves
+    fresh_accelerate()
+    with caplog.at_level(logging.WARNING):
+        result = train(tiny_run(tmp_path / "run", "--max_steps", "3", "--resume_from_checkpoint", "latest"))
+    assert result.global_step == 3 and "torn last line" in caplog.text
+    entries = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in entries if "loss" in entry] == [1, 2, 3]
