@@ -432,3 +432,60 @@ def test_a_torn_last_metrics_line_is_ignored_on_resume(tmp_path, shared_data, fr
     assert result.global_step == 3 and "torn last line" in caplog.text
     entries = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in entries if "loss" in entry] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_bad_files_through_a_training_run_and_run_eval_lose_no_checkpoint(tmp_path, shared_data, bad_images,
+                                                                          fresh_accelerate, caplog):  # fmt: skip
+    import pandas as pd
+
+    from modeling_medclip.training import train
+
+    covid = shared_data / "covid-cxr"
+    corpus = tmp_path / "covid-with-bad-files"
+    (corpus / "images").mkdir(parents=True)
+    rows = pd.read_csv(covid / "metadata.csv", keep_default_na=False).iloc[:64]
+    unreadable = [image for image in bad_images if not image.decodes and image.path.is_file()]
+    replaced = {}
+    for index, name in enumerate(rows["file_name"]):  # every other row of the first ones: a bad file in its place
+        target = corpus / name
+        if index % 2 == 0 and index // 2 < len(unreadable):
+            shutil.copy(unreadable[index // 2].path, target)
+            replaced[target.name] = unreadable[index // 2].kind
+        else:
+            target.symlink_to(covid / name)
+    rows.to_csv(corpus / "metadata.csv", index=False)
+
+    run_dir = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="modeling_medclip.collator"):
+        result = train(tiny_run(run_dir, "--image_dataset", f"covid_cxr={corpus}", "--max_steps", "4",
+                                "--save_steps", "2", "--shuffle_buffer_size", "4"))  # fmt: skip
+    assert result.global_step == 4 and result.metrics["skipped_images"] > 0
+    skipped = {name for name in replaced if name in caplog.text}
+    assert len(skipped) == result.metrics["skipped_images"] > 0  # every skip counted and named
+    assert [p.name for p in sorted_checkpoints(run_dir)] == ["checkpoint-2", "checkpoint-4"]
+    saved = {p.name: folder_digest(p) for p in sorted_checkpoints(run_dir)}
+
+    # run_eval.py on a task whose images include every kind: the awkward ones decode, a bad one is named
+    task = tmp_path / "task"
+    task.mkdir()
+    decodable = [image for image in bad_images if image.decodes and image.size == (48, 40)]
+    table = [{"image": str(image.path), "label": ["normal", "pneumonia"][i % 2], "patient_id": f"p{i}"}
+             for i, image in enumerate(decodable * 2)]  # fmt: skip
+    pd.DataFrame(table).to_csv(task / "good.csv", index=False)
+    truncated = next(image for image in bad_images if image.kind == "truncated JPEG")
+    with_bad = [*table, *({**row, "image": str(truncated.path)} for row in table)]  # in either part of any split
+    pd.DataFrame(with_bad).to_csv(task / "with_bad.csv", index=False)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "MEDCLIP_SHARED_DATA": str(shared_data)}
+    outcomes = {}
+    for name in ("good", "with_bad"):
+        outcomes[name] = subprocess.run(
+            [sys.executable, "run_eval.py", "--model_name_or_path", str(run_dir / "final"), "--eval_tasks",
+             f"csv={task / f'{name}.csv'}", "--test_size", "0.5", "--output_dir", str(tmp_path / f"eval-{name}")],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env,
+        )  # fmt: skip
+    assert outcomes["good"].returncode == 0, outcomes["good"].stderr[-3000:]
+    assert (tmp_path / "eval-good" / "eval_results.json").is_file()
+    assert outcomes["with_bad"].returncode != 0
+    assert "truncated.jpg" in outcomes["with_bad"].stderr and "ValueError" in outcomes["with_bad"].stderr
+    assert {p.name: folder_digest(p) for p in sorted_checkpoints(run_dir)} == saved  # no checkpoint lost or changed

@@ -322,6 +322,8 @@ def upload_final(run: Run, result: TrainResult) -> list[str]:
     run.uploader.upload(result.final_model_dir, path_in_repo="",
                         commit_message=f"Final model after {result.global_step} steps")  # fmt: skip
     errors = [str(failure) for failure in run.uploader.close(training_args.hub_upload_timeout, raise_on_failure=False)]
+    # checkpoints spared while their upload was pending go now, if they made it
+    rotate_checkpoints(run.output_dir, training_args.save_total_limit, keep=run.uploader.pending_folders())
     for error in errors:
         logger.error("Not uploaded to the Hub yet: %s", error)
     return errors
