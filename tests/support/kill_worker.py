@@ -6,7 +6,8 @@ The libraries are imported once; every run is a forked child process (`train(par
 the training itself, not the imports. First a straight run gives the reference (its final weights and its loss per
 step) and its duration T; then each trial starts a run in its own folder, sends it `kill -9` after a delay drawn from
 `random.Random(seed)` in (0, T) (every other trial in (T/2, T), where the steps and checkpoints are), resumes it with `--resume_from_checkpoint latest` to the end, and compares, until
-`--kills` trials were killed before they finished (at most twice as many trials). One JSON line per trial: delay, whether the kill landed before the run finished, what the kill left (checkpoints, a partial
+`--kills` trials were killed before they finished (at most twice as many trials; T shrinks by a fifth after each run
+that finished first, when the machine got less loaded than during the straight run). One JSON line per trial: delay, whether the kill landed before the run finished, what the kill left (checkpoints, a partial
 `.checkpoint-*.tmp`), whether the resumed run's final weights are byte-identical and its losses equal, and its error
 output if it failed. The parent does no torch work, so forking is safe.
 """
@@ -100,6 +101,8 @@ def main() -> None:
             os.kill(pid, signal.SIGKILL)
             wait(pid)
             kills += 1
+        else:  # the machine got faster than during the straight run: aim earlier from now on
+            duration *= 0.8
         left = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []
         code = wait(run_child([*run_flags, "--resume_from_checkpoint", "latest"], log))
         result = {"trial": trial, "delay": round(delay, 3), "killed": not finished_first, "left": left, "code": code}
