@@ -96,7 +96,7 @@ def check_checkpoint_settings(checkpoint: str | os.PathLike, settings: dict, all
     checkpoint = Path(checkpoint)
     saved = json.loads((checkpoint / TRAINER_STATE_NAME).read_text())
     if "settings_fingerprint" not in saved:
-        logger.warning("%s stores no settings fingerprint: it cannot be checked against this run's settings.", checkpoint)
+        logger.warning("%s stores no settings fingerprint: it cannot be checked against this run's.", checkpoint)
         return
     if saved["settings_fingerprint"] == settings_fingerprint(settings):
         return

@@ -62,6 +62,10 @@ def load_images(images: Sequence, image_processor=None) -> LazyImages:
     return LazyImages.for_processor(images, image_processor)
 
 
+def _lazy_images(split: EvaluationSplit, processor) -> LazyImages:
+    return load_images(split.images, getattr(processor, "image_processor", None))
+
+
 @torch.no_grad()
 def evaluate_zero_shot(
     model, processor, split: EvaluationSplit, class_prompts: dict[str, list[str]], batch_size: int = 32,
@@ -74,7 +78,7 @@ def evaluate_zero_shot(
     mode = "multilabel" if split.multilabel else "multiclass"
     classifier = ZeroShotClassifier(model, processor, class_prompts, mode=mode, batch_size=batch_size)
     if image_embeddings is None:
-        image_embeddings = classifier.encode_images(load_images(split.images, getattr(processor, "image_processor", None)))
+        image_embeddings = classifier.encode_images(_lazy_images(split, processor))
     probs = classifier.classify_embeddings(image_embeddings).probs
     metrics = zero_shot_metrics(probs, split.labels, split.class_names)
     return {"zero_shot_accuracy": metrics["accuracy"], "zero_shot_macro_auc": metrics["macro_auc"]}
@@ -91,7 +95,7 @@ def evaluate_retrieval(
     by images of different classes are dropped from the class-agreement protocol's gallery).
     """
     if image_embeddings is None:
-        image_embeddings = embed_images(model, processor, load_images(split.images, getattr(processor, "image_processor", None)), batch_size)
+        image_embeddings = embed_images(model, processor, _lazy_images(split, processor), batch_size)
     labels = torch.as_tensor(split.labels)  # (N,) class ids or (N, C) multi-hot
     results = {}
     max_k = max(ks)
@@ -148,7 +152,7 @@ def evaluate_split(
     if unknown:
         raise ValueError(f"unknown evaluation protocol(s) {unknown}; expected {PROTOCOLS}")
     model.eval()
-    images = pixel_values if pixel_values is not None else load_images(split.images, getattr(processor, "image_processor", None))
+    images = pixel_values if pixel_values is not None else _lazy_images(split, processor)
     image_embeddings = embed_images(model, processor, images, batch_size)
     results = {}
     if "zero-shot" in protocols:

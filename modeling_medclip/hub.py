@@ -20,9 +20,9 @@ push_final("out/final", "me/medclip-run", commit_message="Final model")
 Retries are single-layered: `huggingface_hub` retries its idempotent HTTP requests itself (HTTP 408/429/5xx and
 network errors, at most 5 times with a backoff of 1, 2, 4, 8 and 8 s), and this module adds no retry loop around it.
 An upload that still fails is logged with the folder's name, stays in the record, and is tried once more when the
-next folder is queued (and by the next run). `close(timeout)` bounds the wait for all uploads together; uploads that have not started by then are cancelled (still recorded), and an upload in progress is
-left to finish or fail on its own (with the Hub down: about 23 s, the client's own retries) while the interpreter
-exits.
+next folder is queued (and by the next run). `close(timeout)` bounds the wait for all uploads together; uploads that
+have not started by then are cancelled (still recorded), and an upload in progress is left to finish or fail on its
+own (with the Hub down: about 23 s, the client's own retries) while the interpreter exits.
 
 The endpoint is the one `huggingface_hub` uses (`HF_ENDPOINT`, default https://huggingface.co), see [`hub_endpoint`].
 Tokens are never written to the record: pass `token` (or set `HF_TOKEN`) each time.
@@ -75,7 +75,8 @@ class UploadFailure:
 
     def __str__(self) -> str:
         reason = repr(self.error) if self.error is not None else "not finished before the deadline"
-        return f"{self.folder} -> {self.path_in_repo or '/'}: {reason} (kept in {self.folder.parent / UPLOAD_RECORD_NAME})"
+        record = self.folder.parent / UPLOAD_RECORD_NAME
+        return f"{self.folder} -> {self.path_in_repo or '/'}: {reason} (kept in {record})"
 
 
 class HubUploadError(RuntimeError):
@@ -256,7 +257,10 @@ class BackgroundUploader:
         """Queue the uploads that failed so far once more, ahead of a new one (not a retry loop: one new try each)."""
         with self._lock:
             failures, self._failures = self._failures, []
-            jobs = {(directory / upload.folder, upload.path_in_repo): (directory, upload) for directory, upload, _ in self._jobs}
+            jobs = {
+                (directory / upload.folder, upload.path_in_repo): (directory, upload)
+                for directory, upload, _ in self._jobs
+            }
         for failure in failures:
             directory, upload = jobs[(failure.folder, failure.path_in_repo)]
             if (directory / upload.folder).is_dir():
@@ -290,7 +294,9 @@ class BackgroundUploader:
                 continue
         return self.failures
 
-    def close(self, timeout: float | None = DEFAULT_CLOSE_TIMEOUT, raise_on_failure: bool = True) -> list[UploadFailure]:
+    def close(
+        self, timeout: float | None = DEFAULT_CLOSE_TIMEOUT, raise_on_failure: bool = True
+    ) -> list[UploadFailure]:
         """Wait at most `timeout` seconds (in total) for the queued uploads, cancel those not started by then, and
         return (or, with `raise_on_failure`, raise as `HubUploadError`) every upload that is not on the Hub.
 
@@ -348,7 +354,9 @@ class BackgroundUploader:
                 commit_message=upload.commit_message,
             )
         except Exception as error:
-            logger.warning("Upload of '%s' to %s failed: %r. It stays in %s.", folder, hub_endpoint(), error, record.path)
+            logger.warning(
+                "Upload of '%s' to %s failed: %r. It stays in %s.", folder, hub_endpoint(), error, record.path
+            )
             with self._lock:
                 self._failures.append(UploadFailure(folder, upload.path_in_repo, error))
             return None

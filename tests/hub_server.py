@@ -171,7 +171,8 @@ def check_ref_name(name) -> str:
     if (
         not isinstance(name, str)
         or not name
-        or any(part in FORBIDDEN_PATH_PARTS or part.startswith(".") or part.endswith(".lock") for part in name.split("/"))
+        or any(part in FORBIDDEN_PATH_PARTS or part.startswith((".", "-")) or part.endswith(".lock")
+               for part in name.split("/"))
         or any(ord(char) < 33 or char in "~^:?*[\\\x7f" for char in name)
         or "@{" in name
         or name.endswith(".")
@@ -633,7 +634,7 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
 
     @staticmethod
     def _payload_repo(payload: dict) -> tuple[str, str]:
-        """``(repo_type, repo_id)`` of a create / delete request body (``type``, ``organization``, ``name``), checked."""
+        """``(repo_type, repo_id)`` of a create / delete request body (``type``, ``organization``, ``name``)."""
         repo_type = check_repo_type(payload.get("type") or "model")
         namespace = check_repo_name(payload.get("organization") or USER, "namespace")
         return repo_type, f"{namespace}/{check_repo_name(payload.get('name'))}"

@@ -172,7 +172,8 @@ def start_run(args: PretrainArguments, accelerator: Accelerator, output_dir: Pat
     model, processor = build_model_and_processor(model_args)
     positions = getattr(model.config.text_config, "max_position_embeddings", None)
     if positions is not None and model_args.max_length > positions:
-        check_arguments(args, [f"--max_length {model_args.max_length} is beyond the text tower's {positions} positions"])
+        too_long = f"--max_length {model_args.max_length} is beyond the text tower's {positions} positions"
+        check_arguments(args, [too_long])
     stream = build_train_stream(args, model.config, accelerator.process_index, accelerator.num_processes)
     max_steps = training_args.max_steps
     if max_steps <= 0:
@@ -301,8 +302,8 @@ def finish(run: Run, state: RunState, runtime: float) -> TrainResult:
     result = TrainResult(output_dir, output_dir / "final", best_dir if best_dir.is_dir() else None, state.global_step,
                          metrics, state.initial_metrics)  # fmt: skip
     if run.accelerator.is_main_process:
-        save_pretrained_atomic(result.final_model_dir, run.trainer.unwrapped, run.processor,
-                               {"train_results.json": metrics, "training_args.json": public_arguments(run.args)})  # fmt: skip
+        extra = {"train_results.json": metrics, "training_args.json": public_arguments(run.args)}
+        save_pretrained_atomic(result.final_model_dir, run.trainer.unwrapped, run.processor, extra)
         write_run_card(run, result)
         (output_dir / "train_results.json").write_text(
             json.dumps({**metrics, "before_training": state.initial_metrics}, indent=2) + "\n"

@@ -5,11 +5,13 @@
 The libraries are imported once; every run is a forked child process (`train(parse_args(flags))`), so a trial costs
 the training itself, not the imports. First a straight run gives the reference (its final weights and its loss per
 step) and its duration T; then each trial starts a run in its own folder, sends it `kill -9` after a delay drawn from
-`random.Random(seed)` in (0, T) (every other trial in (T/2, T), where the steps and checkpoints are), resumes it with `--resume_from_checkpoint latest` to the end, and compares, until
-`--kills` trials were killed before they finished (at most twice as many trials; T shrinks by a fifth after each run
-that finished first, when the machine got less loaded than during the straight run). One JSON line per trial: delay, whether the kill landed before the run finished, what the kill left (checkpoints, a partial
-`.checkpoint-*.tmp`), whether the resumed run's final weights are byte-identical and its losses equal, and its error
-output if it failed. The parent does no torch work, so forking is safe.
+`random.Random(seed)` in (0, T) (every other trial in (T/2, T), where the steps and checkpoints are), resumes it with
+`--resume_from_checkpoint latest` to the end, and compares, until `--kills` trials were killed before they finished
+(at most twice as many trials; T shrinks by a fifth after each run that finished first, when the machine got less
+loaded than during the straight run). One JSON line per trial: delay, whether the kill landed before the run
+finished, what the kill left (checkpoints, a partial `.checkpoint-*.tmp`), whether the resumed run's final weights
+are byte-identical and its losses equal, and its error output if it failed. The parent does no torch work, so
+forking is safe.
 """
 
 import argparse
@@ -70,7 +72,8 @@ def main() -> None:
     parser.add_argument("workdir", type=Path)
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
-    own, flags = (sys.argv[1 : sys.argv.index("--")], sys.argv[sys.argv.index("--") + 1 :]) if "--" in sys.argv else (sys.argv[1:], [])
+    split = sys.argv.index("--") if "--" in sys.argv else len(sys.argv)
+    own, flags = sys.argv[1:split], sys.argv[split + 1 :]
     args = parser.parse_args(own)
     args.workdir.mkdir(parents=True, exist_ok=True)
 
