@@ -489,3 +489,17 @@ def test_bad_files_through_a_training_run_and_run_eval_lose_no_checkpoint(tmp_pa
     assert outcomes["with_bad"].returncode != 0
     assert "truncated.jpg" in outcomes["with_bad"].stderr and "ValueError" in outcomes["with_bad"].stderr
     assert {p.name: folder_digest(p) for p in sorted_checkpoints(run_dir)} == saved  # no checkpoint lost or changed
+
+
+def test_training_start_up_names_a_bad_held_out_image_and_reads_dicom(bad_images, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from modeling_medclip.training.validation import preprocess
+
+    processor = MedCLIPProcessor(MedCLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                                 AutoTokenizer.from_pretrained(tokenizer_dir))  # fmt: skip
+    dicoms = [image.path for image in bad_images if image.decodes and "DICOM" in image.kind]
+    assert preprocess(processor, dicoms * 150, batch_size=64).shape == (len(dicoms) * 150, 1, 32, 32)
+    truncated = next(image.path for image in bad_images if image.kind == "truncated JPEG")
+    with pytest.raises(ValueError, match="truncated.jpg"):
+        preprocess(processor, [*dicoms, truncated])
