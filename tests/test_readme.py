@@ -7,12 +7,16 @@
   tiny towers, 32 px images and one optimizer step appended (later flags win). `python run_pretrain.py` /
   `python run_eval.py` run in this process (`runpy`, as `__main__`, to spare a start-up each), every other command in
   a subprocess; `make` targets are checked with `make -n` (running them would install a virtualenv or the suite).
+  `python app.py` starts the web demo on a free port (`outputs/cpu-demo/final` being the model a README command
+  trained before) and passes once it prints its address; then it is stopped.
 """
 
 import os
 import re
 import runpy
 import shlex
+import shutil
+import socket
 import subprocess
 import sys
 
@@ -76,12 +80,31 @@ def prepare(command: str, scratch) -> tuple[list[str], dict]:
         words = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", "0", *words[2:]]
     elif words[0] == "python":
         words = [sys.executable, *words[1:]]
-    words = [str(REPO_ROOT / word) if word in ("run_pretrain.py", "run_eval.py") else word for word in words]
+    words = [str(REPO_ROOT / word) if word in ("run_pretrain.py", "run_eval.py", "app.py") else word for word in words]
+    if any(word.endswith("app.py") for word in words):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            words += ["--port", str(probe.getsockname()[1]), "--cache_dir", str(scratch / "app-cache")]
     if any(word.endswith("run_pretrain.py") for word in words):
         words += SMOKE_FLAGS
     if any(word.endswith("run_eval.py") for word in words):
         words += ["--max_eval_images", "16", "--prompts_per_class", "2"]
     return words, env
+
+
+def serve_until_ready(argv: list[str], env: dict, cwd) -> None:
+    """Starts a server command and waits for the address it prints; stops it then."""
+    process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = []
+    try:
+        for line in process.stdout:
+            output.append(line)
+            if "running at http" in line:
+                return
+        raise AssertionError(f"{argv[1:3]} exited without serving:\n{''.join(output)[-3000:]}")
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
 
 
 def run_script_in_process(argv: list[str], env: dict, cwd, monkeypatch) -> None:
@@ -125,6 +148,11 @@ def test_every_readme_code_block_runs(shared_data, scratch, monkeypatch):
         for argv, env, cwd in runs:
             if argv[0] == sys.executable and argv[1].endswith(("run_pretrain.py", "run_eval.py")):
                 run_script_in_process(argv, env, cwd, monkeypatch)
+                continue
+            if argv[0] == sys.executable and argv[1].endswith("app.py"):
+                if not (scratch / "outputs" / "cpu-demo" / "final").is_dir():  # what `make demo` leaves
+                    shutil.copytree(scratch / "out" / "tiny" / "final", scratch / "outputs" / "cpu-demo" / "final")
+                serve_until_ready(argv, env, cwd)
                 continue
             result = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
             assert result.returncode == 0, f"README block {number} ({argv[:6]}...) failed:\n{result.stderr[-3000:]}"
