@@ -104,6 +104,8 @@ _CLAUSE_VERBS = frozenset(
     {"is", "are", "was", "were", "has", "have", "had", "there", "be", "been", "appears", "appear", "seen", "noted"}
 )
 _LIST_CONJUNCTIONS = frozenset({"or", "and", "nor"})
+# Tokens that end the scope of a rule that governs only its own noun phrase (the anatomy rules).
+_NOUN_PHRASE_ENDS = frozenset({",", "of"})
 
 # Sentence splitting: a sentence ends at ".", "!" or "?" followed by whitespace, or at a "." glued to a capitalized
 # word ("apex.There"). Pieces ending in a title / common abbreviation are joined back; list markers are dropped.
@@ -451,10 +453,11 @@ class CheXpertLabeler:
     @staticmethod
     def _distance(tokens: list[str], breaks: list[bool], start: int, end: int, lists: bool = True) -> int | None:
         """Words between ``start`` and ``end``, counted from the last list comma (each list item gets the full
-        window), or None when a scope break lies between (or any comma, when ``lists`` is False)."""
+        window), or None when a scope break lies between. With ``lists`` False the scope is one noun phrase: any
+        comma or ``of`` ends it ("stable widening of the mediastinum": "stable" qualifies the widening)."""
         words = 0
         for index in range(start, end):
-            if breaks[index] or not lists and tokens[index] == ",":
+            if breaks[index] or not lists and tokens[index] in _NOUN_PHRASE_ENDS:
                 return None
             words = 0 if tokens[index] == "," else words + 1
         return words
