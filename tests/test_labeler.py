@@ -399,6 +399,32 @@ RULE_CASES = {
         ("Pulmonary vascular congestion.", {"Edema": -1.0}),
         ("Stable cardiomediastinal silhouette.", {"Enlarged Cardiomediastinum": -1.0}),
         ("Pneumothorax is not well visualized.", {"Pneumothorax": -1.0}),
+        ("Pneumonia is possible.", {"Pneumonia": -1.0}),
+    ],
+    # "or" / "versus" join the two alternatives next to them, not the rest of the sentence
+    "conjunction scope": [
+        ("Basilar opacities may represent atelectasis versus scarring.", {"Lung Opacity": 1.0, "Atelectasis": -1.0}),
+        ("Lung base scarring with possible small effusions.", {"Lung Opacity": 1.0, "Pleural Effusion": -1.0}),
+    ],
+    # an attributive "normal" negates its own noun; a predicative one what it describes, not a following "with"
+    "attributive normal": [
+        ("Mild cardiomegaly with normal pulmonary vasculature.", {"Cardiomegaly": 1.0}),
+        ("Cardiomediastinal silhouette demonstrates normal heart size.", {"Enlarged Cardiomediastinum": 1.0, "Cardiomegaly": 0.0}),
+        (
+            "The heart size is normal with stable appearance of the cardiomediastinal silhouette.",
+            {"Cardiomegaly": 0.0, "Enlarged Cardiomediastinum": -1.0},
+        ),
+    ],
+    # "upper limits of normal" negates only "at" / "within" the limits, or the noun it qualifies
+    "upper limits of normal": [
+        ("Heart size is upper limits of normal.", {"Cardiomegaly": 1.0}),
+        ("Heart size is at the upper limits of normal.", {"Cardiomegaly": 0.0}),
+        ("Upper limits of normal heart size.", {"Cardiomegaly": 0.0}),
+    ],
+    # "stable" / "unchanged" qualify an anatomical mention only within its own noun phrase
+    "anatomy noun phrase": [
+        ("Stable widening of the upper mediastinum.", {"Enlarged Cardiomediastinum": 1.0}),
+        ("Stable appearance of the cardiomediastinal silhouette.", {"Enlarged Cardiomediastinum": -1.0}),
     ],
 }
 
