@@ -471,8 +471,10 @@ class CheXpertLabeler:
         end: int,
     ) -> float:
         """Label the mention at tokens ``[start, end)``: the earliest stage with a rule whose scope covers it, or
-        positive. A coordination ("or", a ``both`` rule) reaches back only over its own list: not past a trigger
-        that opens one ("opacities, without consolidation, or effusion": the opacities are no alternative)."""
+        positive. A coordination ("or", "versus": a ``both`` rule) reaches forward over its window but back only to
+        the mention that ends right before it ("infectious etiology versus scarring": the etiology is the
+        alternative, not "infectious"), and only within its own list: not past a trigger that opens one
+        ("opacities, without consolidation, or effusion": the opacities are no alternative)."""
         anatomy = tokens[end - 1] in self._anatomy
         best: _Rule | None = None
         for t_start, t_end, rule in rules:
@@ -485,6 +487,8 @@ class CheXpertLabeler:
             elif t_start >= end and rule.direction == "both":
                 opens_list = any(end <= o_start < t_start and o_rule.direction == "pre" for o_start, _, o_rule in rules)
                 distance = None if opens_list else self._distance(tokens, breaks, end, t_start)
+                # the left alternative ends right before the conjunction: a noun phrase's head is its last word
+                distance = distance if distance == 0 else None
             elif rule.direction == "self" and t_start <= start and end <= t_end:
                 distance = 0
             else:

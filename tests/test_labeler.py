@@ -405,6 +405,11 @@ RULE_CASES = {
     "conjunction scope": [
         ("Basilar opacities may represent atelectasis versus scarring.", {"Lung Opacity": 1.0, "Atelectasis": -1.0}),
         ("Lung base scarring with possible small effusions.", {"Lung Opacity": 1.0, "Pleural Effusion": -1.0}),
+        ("Opacities, atelectasis versus airspace disease.", {"Lung Opacity": 1.0, "Atelectasis": -1.0}),
+        (
+            "Opacities representing an infectious etiology versus chronic lung disease.",
+            {"Lung Opacity": 1.0, "Pneumonia": 1.0},
+        ),
     ],
     # an attributive "normal" negates its own noun; a predicative one what it describes, not a following "with"
     "attributive normal": [
