@@ -469,12 +469,15 @@ class CheXpertLabeler:
         rules: list[tuple[int, int, _Rule]],
         start: int,
         end: int,
+        mention_ends: frozenset[int],
     ) -> float:
         """Label the mention at tokens ``[start, end)``: the earliest stage with a rule whose scope covers it, or
         positive. A coordination ("or", "versus": a ``both`` rule) reaches forward over its window but back only to
         the mention that ends right before it ("infectious etiology versus scarring": the etiology is the
         alternative, not "infectious"), and only within its own list: not past a trigger that opens one
-        ("opacities, without consolidation, or effusion": the opacities are no alternative)."""
+        ("opacities, without consolidation, or effusion": the opacities are no alternative). It reaches forward
+        over a modifier ("or focal consolidation") only when a mention (one of ``mention_ends``, the end tokens of
+        the sentence's mentions) ends right before it: otherwise it joins modifiers ("acute or subacute fracture")."""
         anatomy = tokens[end - 1] in self._anatomy
         best: _Rule | None = None
         for t_start, t_end, rule in rules:
@@ -482,6 +485,8 @@ class CheXpertLabeler:
                 continue
             if t_end <= start and rule.direction in ("pre", "both"):
                 distance = self._distance(tokens, breaks, t_end, start, not rule.anatomy_only)
+                if distance and rule.direction == "both" and t_start not in mention_ends:
+                    distance = None
             elif t_start >= end and rule.direction == "post":
                 distance = self._distance(tokens, breaks, end, t_start, not rule.anatomy_only)
             elif t_start >= end and rule.direction == "both":
@@ -504,8 +509,10 @@ class CheXpertLabeler:
         triggers = self._triggers.find(tokens)
         breaks = self._scope_breaks(tokens, triggers)
         rules = [(start, end, tag) for start, end, tags in triggers for tag in tags if isinstance(tag, _Rule)]
+        mention_ends = frozenset(end for _, _, end in found)
         return [
-            _Mention(name, self._classify(tokens, breaks, rules, start, end), start, end) for name, start, end in found
+            _Mention(name, self._classify(tokens, breaks, rules, start, end, mention_ends), start, end)
+            for name, start, end in found
         ]
 
     # ------------------------------------------------------------------------------------------------------------

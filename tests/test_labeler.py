@@ -410,6 +410,9 @@ RULE_CASES = {
             "Opacities representing an infectious etiology versus chronic lung disease.",
             {"Lung Opacity": 1.0, "Pneumonia": 1.0},
         ),
+        # "or" joins two modifiers, not two findings; after a mention it reaches over a modifier
+        ("Appearance of acute or subacute rib fracture.", {"Fracture": 1.0}),
+        ("Atelectasis or focal consolidation.", {"Atelectasis": -1.0, "Consolidation": -1.0}),
     ],
     # an attributive "normal" negates its own noun; a predicative one what it describes, not a following "with"
     "attributive normal": [
