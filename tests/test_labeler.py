@@ -377,6 +377,8 @@ RULE_CASES = {
         ("Small pericardial effusion.", {}),
         ("Pacemaker leads project over the heart.", {"Support Devices": 1.0}),
         ("Mild plate-like atelectasis.", {"Atelectasis": 1.0}),
+        # whole words, not substrings: an uncalcified nodule is no calcified one (a listed disagreement)
+        ("Uncalcified nodule in the lingula.", {"Lung Lesion": 1.0}),
     ],
     "pre-negation uncertainty": [
         ("Cannot exclude a small left pleural effusion.", {"Pleural Effusion": -1.0}),
