@@ -1,6 +1,7 @@
 # The two quick-start commands of the README:
 #   make demo   set up .venv and run the main job (python run_pretrain.py: the embedded default)
 #   make test   set up .venv and run the test suite (what CI runs)
+#   make bench  set up .venv and run every benchmark in benchmarks/ (each prints its ratios and the machine)
 #
 # TORCH_SPEC picks the PyTorch build. The default is the CPU wheel; GPU users choose their own, e.g.
 #   make test TORCH_SPEC="torch==2.9.1" TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
@@ -28,6 +29,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+BENCHMARKS := $(sort $(wildcard benchmarks/bench_*.py))
+
+bench: setup
+	set -e; for script in $(BENCHMARKS); do echo "== $$script"; $(BIN)/python $$script; done
 
 clean:
 	rm -rf $(VENV) outputs

@@ -29,7 +29,8 @@ Output::
 
 Image keys are left out when the batch has no images, text keys when it has no texts, label keys when an example
 has no labels. In paired input an example whose image or text is dropped loses both, so images and texts stay
-aligned. Corrupt, truncated or unreadable images and empty texts are skipped with a warning naming them, counted in
+aligned. Corrupt, truncated, over-large (see `max_image_pixels`) or otherwise unreadable images, and empty or invalid
+texts (not a string, unpaired surrogates) are skipped with a warning naming them, counted in
 `num_skipped_images` / `num_skipped_texts` of the batch (sum these in the training loop: with `num_workers > 0` the
 collator runs in worker processes, so its own `skipped_images` / `skipped_texts` counters only count the calls made
 in this process). A batch can therefore be smaller than requested, or even empty (`pixel_values` of shape
@@ -38,60 +39,95 @@ in this process). A batch can therefore be smaller than requested, or even empty
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import PIL.Image
 import torch
 
-from .image_processing_medclip import load_grayscale_image, to_grayscale_uint8
+from .image_processing_medclip import MAX_IMAGE_PIXELS, load_grayscale_image, to_grayscale_uint8
+from .processing_medclip import text_problem
 
 
 logger = logging.getLogger(__name__)
 
 
-def _open_pil(source: str | os.PathLike | io.BytesIO, name: str, decode_size: int | None) -> PIL.Image.Image:
-    try:
-        with PIL.Image.open(source) as image:
-            if decode_size is not None and max(image.size) > decode_size:
-                # JPEGs are decoded at a reduced DCT scale (PIL draft), then resized: much cheaper for large files.
-                image.thumbnail((decode_size, decode_size), PIL.Image.Resampling.BILINEAR, reducing_gap=2.0)
-            image.load()
-            return PIL.Image.fromarray(to_grayscale_uint8(image), mode="L")
-    except (OSError, SyntaxError, PIL.UnidentifiedImageError) as error:
-        raise ValueError(f"Could not read the image {name!r}: {error}") from error
-
-
-def decode_image(image: Any, name: str, decode_size: int | None = None) -> PIL.Image.Image:
-    """Decode one image source into an 8-bit grayscale PIL image.
+def decode_image(
+    image: Any,
+    name: str,
+    decode_size: int | None = None,
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS,
+    high_bit_depth_scaling: str = "bit_depth",
+) -> PIL.Image.Image:
+    """Decode one image source into an 8-bit grayscale PIL image: the one decoding path of training and evaluation.
 
     Args:
-        image: a file path (any PIL format, 16-bit PNG, or DICOM), encoded bytes, a `{"bytes", "path"}` dict (the
-            `datasets.Image(decode=False)` form) or a PIL image.
+        image: a file path (any PIL format, 16-bit PNG, or DICOM, with or without a `.dcm` suffix), encoded bytes, a
+            `{"bytes", "path"}` dict (the `datasets.Image(decode=False)` form) or a PIL image.
         name: how to name the image in the error message.
         decode_size (`int`, *optional*): shrink images whose longer side exceeds it to that longer side while
-            decoding (not DICOM); `None` keeps the full resolution.
+            decoding (JPEG DCT scaling; not DICOM); `None` keeps the full resolution.
+        max_image_pixels (`int`, *optional*): images with more pixels are refused (JPEGs decoded reduced to fit), see
+            `modeling_medclip.image_processing_medclip.MAX_IMAGE_PIXELS`; `None` for no limit.
+        high_bit_depth_scaling (`str`): how images of more than 8 bits reach 8 bits (see `MedCLIPImageProcessor`).
 
     Raises:
-        `ValueError` naming the image when it is missing, corrupt, truncated or not an image.
+        `ValueError` naming the image when it is missing, empty, corrupt, truncated, not an image, over the pixel
+        limit or has NaN values (PIL's `DecompressionBombError` included).
     """
     if isinstance(image, dict):
         image = image.get("bytes") or image.get("path")
-    if isinstance(image, (str, os.PathLike)):
-        if decode_size is None or Path(image).suffix.lower() in (".dcm", ".dicom"):
-            return PIL.Image.fromarray(load_grayscale_image(image), mode="L")
-        if not os.path.isfile(image):
-            raise ValueError(f"Image file {str(image)!r} does not exist.")
-        return _open_pil(image, name, decode_size)
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        return _open_pil(io.BytesIO(image), name, decode_size)
+    if isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)):
+        source_name = None if isinstance(image, (str, os.PathLike)) else name
+        array = load_grayscale_image(
+            image, high_bit_depth_scaling, max_image_pixels=max_image_pixels, max_size=decode_size, name=source_name
+        )
+        return PIL.Image.fromarray(array, mode="L")
     if isinstance(image, PIL.Image.Image):
-        return PIL.Image.fromarray(to_grayscale_uint8(image), mode="L")
+        return PIL.Image.fromarray(to_grayscale_uint8(image, high_bit_depth_scaling, max_image_pixels), mode="L")
     raise ValueError(f"Image of {name!r} has unsupported type {type(image).__name__}")
+
+
+class LazyImages(Sequence):
+    """A sequence of image sources (paths, bytes, PIL images) decoded by [`decode_image`] only when indexed.
+
+    Evaluation hands it to the processor batch by batch (`images[start:stop]` decodes that slice), so only one batch
+    of files is open or decoded at a time, DICOM is read, and a bad file raises a `ValueError` naming it.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence,
+        max_image_pixels: int | None = MAX_IMAGE_PIXELS,
+        high_bit_depth_scaling: str = "bit_depth",
+    ):
+        self.sources = list(sources)
+        self.max_image_pixels = max_image_pixels
+        self.high_bit_depth_scaling = high_bit_depth_scaling
+
+    @classmethod
+    def for_processor(cls, sources: Sequence, image_processor=None) -> "LazyImages":
+        """`sources` decoded with the pixel limit and high-bit-depth scaling of `image_processor` (if given)."""
+        if image_processor is None:
+            return cls(sources)
+        return cls(sources, image_processor.max_image_pixels, image_processor.high_bit_depth_scaling)
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self._decode(i) for i in range(len(self.sources))[index]]
+        return self._decode(range(len(self.sources))[index])
+
+    def _decode(self, index: int) -> PIL.Image.Image:
+        source = self.sources[index]
+        name = str(source) if isinstance(source, (str, os.PathLike)) else f"image #{index}"
+        return decode_image(
+            source, name, max_image_pixels=self.max_image_pixels, high_bit_depth_scaling=self.high_bit_depth_scaling
+        )
 
 
 class MedCLIPCollator:
@@ -112,6 +148,9 @@ class MedCLIPCollator:
         decode_size (`int`, *optional*): decode images whose longer side exceeds it at that longer side (JPEG DCT
             scaling + bilinear resize, see `decode_image`), so augmentation works on fewer pixels; e.g. 256 for
             224 px training on full-size MIMIC-CXR JPEGs. `None` (default) decodes at full resolution.
+        max_image_pixels (`int`, *optional*, defaults to 50,000,000): images with more pixels are unreadable (skipped
+            and counted; JPEGs are decoded reduced to fit), see
+            `modeling_medclip.image_processing_medclip.MAX_IMAGE_PIXELS`; `None` for no limit.
     """
 
     def __init__(
@@ -126,6 +165,7 @@ class MedCLIPCollator:
         id_column: str = "image_id",
         return_texts: bool = True,
         decode_size: int | None = None,
+        max_image_pixels: int | None = MAX_IMAGE_PIXELS,
     ):
         self.tokenizer = tokenizer
         self.image_transform = image_transform
@@ -137,6 +177,7 @@ class MedCLIPCollator:
         self.id_column = id_column
         self.return_texts = return_texts
         self.decode_size = decode_size
+        self.max_image_pixels = max_image_pixels
         self.skipped_images = 0
         self.skipped_texts = 0
 
@@ -150,7 +191,8 @@ class MedCLIPCollator:
         """The transformed image of `example`, or `None` (warned and counted) when it cannot be decoded."""
         name = self._name(example)
         try:
-            return self.image_transform(decode_image(example[self.image_column], name, self.decode_size))
+            image = decode_image(example[self.image_column], name, self.decode_size, self.max_image_pixels)
+            return self.image_transform(image)
         except ValueError as error:
             logger.warning("Skipping image %s: %s", name, error)
             self.skipped_images += 1
@@ -158,9 +200,10 @@ class MedCLIPCollator:
 
     def _has_text(self, example: dict) -> bool:
         text = example.get(self.text_column)
-        if isinstance(text, str) and text.strip():
+        problem = text_problem(text)
+        if problem is None:
             return True
-        logger.warning("Skipping empty text of %s", example.get(self.id_column, "<unnamed example>"))
+        logger.warning("Skipping the text of %s: %s", example.get(self.id_column, "<unnamed example>"), problem)
         self.skipped_texts += 1
         return False
 

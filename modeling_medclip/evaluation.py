@@ -12,14 +12,13 @@ protocols on one labelled split:
   report) where pairs exist.
 """
 
-import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from PIL import Image
 
+from .collator import LazyImages
 from .metrics import label_relevance, pair_relevance, retrieval_metrics, zero_shot_metrics
 from .retrieval import EmbeddingIndex, embed_images, embed_texts
 from .zero_shot import ZeroShotClassifier
@@ -56,18 +55,15 @@ class EvaluationSplit:
         return bool(self.labels) and isinstance(self.labels[0], (list, tuple))
 
 
-def load_images(images: Sequence) -> list[Image.Image]:
-    """Opens image paths and `{"path", "bytes"}` dicts (PIL images pass through); the processor decodes every mode,
-    16-bit and DICOM included."""
-    return [_open(image) for image in images]
+def load_images(images: Sequence, image_processor=None) -> LazyImages:
+    """Image paths, encoded bytes, `{"path", "bytes"}` dicts or PIL images as a lazy sequence: each is decoded (DICOM
+    included; a bad file raises a `ValueError` naming it) only when a batch takes it, so one batch of files is open at
+    a time. With `image_processor`, its pixel limit and high-bit-depth scaling are used."""
+    return LazyImages.for_processor(images, image_processor)
 
 
-def _open(image) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image
-    if isinstance(image, dict):
-        return Image.open(io.BytesIO(image["bytes"])) if image.get("bytes") else Image.open(image["path"])
-    return Image.open(image)
+def _lazy_images(split: EvaluationSplit, processor) -> LazyImages:
+    return load_images(split.images, getattr(processor, "image_processor", None))
 
 
 @torch.no_grad()
@@ -82,7 +78,7 @@ def evaluate_zero_shot(
     mode = "multilabel" if split.multilabel else "multiclass"
     classifier = ZeroShotClassifier(model, processor, class_prompts, mode=mode, batch_size=batch_size)
     if image_embeddings is None:
-        image_embeddings = classifier.encode_images(load_images(split.images))
+        image_embeddings = classifier.encode_images(_lazy_images(split, processor))
     probs = classifier.classify_embeddings(image_embeddings).probs
     metrics = zero_shot_metrics(probs, split.labels, split.class_names)
     return {"zero_shot_accuracy": metrics["accuracy"], "zero_shot_macro_auc": metrics["macro_auc"]}
@@ -99,7 +95,7 @@ def evaluate_retrieval(
     by images of different classes are dropped from the class-agreement protocol's gallery).
     """
     if image_embeddings is None:
-        image_embeddings = embed_images(model, processor, load_images(split.images), batch_size)
+        image_embeddings = embed_images(model, processor, _lazy_images(split, processor), batch_size)
     labels = torch.as_tensor(split.labels)  # (N,) class ids or (N, C) multi-hot
     results = {}
     max_k = max(ks)
@@ -156,7 +152,7 @@ def evaluate_split(
     if unknown:
         raise ValueError(f"unknown evaluation protocol(s) {unknown}; expected {PROTOCOLS}")
     model.eval()
-    images = pixel_values if pixel_values is not None else load_images(split.images)
+    images = pixel_values if pixel_values is not None else _lazy_images(split, processor)
     image_embeddings = embed_images(model, processor, images, batch_size)
     results = {}
     if "zero-shot" in protocols:

@@ -23,9 +23,12 @@ This module only depends on transformers, PIL, numpy, torch and (lazily) pydicom
 a saved model folder and loaded as remote code.
 """
 
+import io
+import math
 import os
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import PIL.Image
@@ -39,6 +42,14 @@ from transformers.utils import TensorType
 
 MEDCLIP_IMAGE_MEAN = 0.5862785803043838
 MEDCLIP_IMAGE_STD = 0.27950088968644304
+
+MAX_IMAGE_PIXELS = 50_000_000
+"""The default pixel limit (width x height) of decoded images: about 7,000 x 7,000, several times the largest X-ray
+detectors. A file (or PIL image) with more pixels is refused with a `ValueError` naming it before anything is
+decoded, except a JPEG, which is decoded at the largest DCT reduction (1/2, 1/4 or 1/8) that fits under the limit.
+Adjust it with `max_image_pixels` (image processor, collator, [`load_grayscale_image`]); `None` removes it. PIL's own
+decompression-bomb check (`PIL.Image.MAX_IMAGE_PIXELS`: files over twice its 89.5 megapixels are refused when
+opened) still applies first; raise that too to decode such JPEGs reduced."""
 
 HIGH_BIT_DEPTH_SCALINGS = ("bit_depth", "min_max")
 _PIL_HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
@@ -58,38 +69,47 @@ class MedCLIPImageProcessorKwargs(ImagesKwargs, total=False):
         `[0, 255]`: `"bit_depth"` divides by `2**bits - 1` where `bits = max(8, max_value.bit_length())` is the
         actual bit depth of the data (a 12-bit image stored in 16 bits is divided by 4095; images with negative
         values fall back to min-max); `"min_max"` stretches `[min, max]` of each image to `[0, 255]`.
+    max_image_pixels (`int`, *optional*, defaults to `MAX_IMAGE_PIXELS` = 50,000,000):
+        Files and PIL images with more pixels are refused with a `ValueError` naming them (JPEGs are decoded reduced
+        to fit), see [`MAX_IMAGE_PIXELS`]; `None` for no limit.
     """
 
     do_pad_square: bool
     num_channels: int
     high_bit_depth_scaling: str
+    max_image_pixels: int | None
 
 
 def _scale_to_uint8(array: np.ndarray, high_bit_depth_scaling: str, name: str) -> np.ndarray:
     """Map an integer or float array of any range to `uint8` (see `MedCLIPImageProcessorKwargs`)."""
     if array.dtype == np.uint8:
         return array
+    if array.size == 0:
+        return np.zeros(array.shape, dtype=np.uint8)
     if np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
             raise ValueError(f"{name} contains NaN or infinite values.")
         array = array.astype(np.float64)
-        if array.size and array.min() >= 0.0 and array.max() <= 1.0:
-            scaled = array * 255.0
-        else:
-            scaled = _min_max(array)
+        low, high = float(array.min()), float(array.max())
+        scaled = array * 255.0 if low >= 0.0 and high <= 1.0 else _min_max(array, low, high)
+        return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    low, high = int(array.min()), int(array.max())
+    if array.dtype == np.uint16:  # 16-bit files: a lookup table, 1 byte per pixel instead of float64 copies
+        return _scale_integers(np.arange(high + 1), low, high, high_bit_depth_scaling)[array]
+    return _scale_integers(array.astype(np.int64), low, high, high_bit_depth_scaling)
+
+
+def _scale_integers(values: np.ndarray, low: int, high: int, high_bit_depth_scaling: str) -> np.ndarray:
+    """Integer `values` of an image whose range is `[low, high]`, mapped to `uint8` (see `_scale_to_uint8`)."""
+    if high_bit_depth_scaling == "bit_depth" and low >= 0:
+        bits = max(8, high.bit_length())
+        scaled = values * (255.0 / (2**bits - 1))
     else:
-        array = array.astype(np.int64)
-        low, high = (int(array.min()), int(array.max())) if array.size else (0, 0)
-        if high_bit_depth_scaling == "bit_depth" and low >= 0:
-            bits = max(8, high.bit_length())
-            scaled = array * (255.0 / (2**bits - 1))
-        else:
-            scaled = _min_max(array)
+        scaled = _min_max(values, low, high)
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
-def _min_max(array: np.ndarray) -> np.ndarray:
-    low, high = float(array.min()), float(array.max())
+def _min_max(array: np.ndarray, low: float, high: float) -> np.ndarray:
     if high <= low:
         return np.zeros(array.shape, dtype=np.float64)
     return (array.astype(np.float64) - low) * (255.0 / (high - low))
@@ -139,59 +159,83 @@ def _array_to_grayscale(array: np.ndarray, high_bit_depth_scaling: str, name: st
     return _pil_to_grayscale(PIL.Image.fromarray(array), high_bit_depth_scaling, name)
 
 
-def _is_dicom(path: Path) -> bool:
-    if path.suffix.lower() in _DICOM_SUFFIXES:
-        return True
-    with open(path, "rb") as file:
-        file.seek(128)
-        return file.read(4) == b"DICM"
+def _describe(source, name: str | None) -> str:
+    """How messages name an encoded image: its file path, else `name`, else "encoded image"."""
+    if name is not None:
+        return repr(str(name))
+    if isinstance(source, (str, os.PathLike)):
+        return repr(str(source))
+    return "<encoded image>"
 
 
-def read_dicom(path: str | os.PathLike) -> np.ndarray:
+def _is_dicom(source: "str | os.PathLike | BinaryIO") -> bool:
+    """A `.dcm` / `.dicom` path, or any file or file object with the DICOM magic `DICM` at byte 128."""
+    if isinstance(source, (str, os.PathLike)):
+        if Path(source).suffix.lower() in _DICOM_SUFFIXES:
+            return True
+        with open(source, "rb") as file:
+            file.seek(128)
+            return file.read(4) == b"DICM"
+    position = source.tell()
+    source.seek(128)
+    magic = source.read(4)
+    source.seek(position)
+    return magic == b"DICM"
+
+
+def _check_pixels(size: tuple[int, int], max_image_pixels: int | None, what: str) -> None:
+    if max_image_pixels is not None and size[0] * size[1] > max_image_pixels:
+        raise ValueError(
+            f"{what} has {size[0]} x {size[1]} = {size[0] * size[1]:,} pixels, over the limit of {max_image_pixels:,} "
+            "(`max_image_pixels`, see MAX_IMAGE_PIXELS): refused as unreadable."
+        )
+
+
+def read_dicom(
+    path: "str | os.PathLike | BinaryIO", *, max_image_pixels: int | None = MAX_IMAGE_PIXELS, name: str | None = None
+) -> np.ndarray:
     """
-    Read a DICOM file as a `(height, width)` `uint8` display image.
+    Read a DICOM file (a path or a binary file object) as a `(height, width)` `uint8` display image.
 
     Applies the modality LUT / rescale slope and intercept, then the first VOI LUT (preferred) or window center and
     width (`pydicom.pixels.apply_voi_lut`) and maps the VOI output range (the range of the LUT's entries, the
     window's output range, or the data range if the file has no VOI) linearly to `[0, 255]`; MONOCHROME1 images are
-    inverted so that bone is bright. Multi-frame files give their first frame; color files are converted to
-    grayscale.
+    inverted so that bone is bright. Multi-frame files give their first frame (only that frame is decoded); color
+    files are converted to grayscale.
+
+    Raises:
+        `ValueError` naming the file when it cannot be read, has more than `max_image_pixels` pixels per frame, has
+        NaN or infinite values (float pixel data, rescale slope or intercept), or a window width that is not positive.
     """
+    label = f"DICOM file {_describe(path, name)}"
     try:
         import pydicom
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+        from pydicom.pixels import apply_modality_lut, pixel_array
     except ImportError as error:
-        raise ImportError(
-            f"Reading the DICOM file {str(path)!r} needs pydicom: `pip install medclip-hf[dicom]`."
-        ) from error
+        raise ImportError(f"Reading the {label} needs pydicom: `pip install medclip-hf[dicom]`.") from error
 
     try:
         dataset = pydicom.dcmread(path)
-        pixels = dataset.pixel_array
+        size = (int(dataset.Columns), int(dataset.Rows))
     except Exception as error:  # pydicom raises many exception types for corrupt or unsupported files
-        raise ValueError(f"Could not read the DICOM file {str(path)!r}: {error}") from error
+        raise ValueError(f"Could not read the {label}: {error}") from error
+    _check_pixels(size, max_image_pixels, label)
+    try:
+        frames = int(dataset.get("NumberOfFrames") or 1)
+        pixels = pixel_array(dataset, index=0) if frames > 1 else dataset.pixel_array
+    except Exception as error:
+        raise ValueError(f"Could not read the {label}: {error}") from error
     samples_per_pixel = int(dataset.get("SamplesPerPixel", 1))
-    if pixels.ndim == (3 if samples_per_pixel == 1 else 4):
-        pixels = pixels[0]
     if samples_per_pixel != 1:
-        return _array_to_grayscale(pixels, "bit_depth", f"DICOM file {str(path)!r}", channels_first=False)
+        return _array_to_grayscale(pixels, "bit_depth", label, channels_first=False)
 
     values = apply_modality_lut(pixels, dataset)
-    if dataset.get("VOILUTSequence"):
-        if np.issubdtype(values.dtype, np.floating) and np.array_equal(values, np.rint(values)):
-            values = values.astype(np.int64)
-        values = apply_voi_lut(values, dataset).astype(np.float64)
-        # The LUT's own output range: some devices declare more bits per entry than their LUT data use.
-        entries, first_mapped = dataset.VOILUTSequence[0].LUTDescriptor[:2]
-        table = apply_voi_lut(np.arange(first_mapped, first_mapped + (entries or 2**16)), dataset)
-        low, high = float(table.min()), float(table.max())
-    elif "WindowCenter" in dataset and "WindowWidth" in dataset:
-        values = apply_voi_lut(values.astype(np.float64), dataset)
-        with np.errstate(over="ignore"):
-            low, high = apply_voi_lut(np.array([-1e12, 1e12]), dataset)
-    else:
-        values = values.astype(np.float64)
-        low, high = float(values.min()), float(values.max())
+    if not np.isfinite(values).all():
+        raise ValueError(f"The {label} has NaN or infinite pixel values (after its rescale slope / intercept).")
+    try:
+        values, low, high = _apply_voi(values, dataset)
+    except ValueError as error:  # pydicom's own checks of the window or LUT do not name the file
+        raise ValueError(f"The {label} has an invalid VOI window or LUT: {error}") from error
 
     scale = 255.0 / (high - low) if high > low else 0.0
     image = np.clip(np.rint((values - low) * scale), 0, 255).astype(np.uint8)
@@ -200,29 +244,119 @@ def read_dicom(path: str | os.PathLike) -> np.ndarray:
     return image
 
 
-def load_grayscale_image(path: str | os.PathLike, high_bit_depth_scaling: str = "bit_depth") -> np.ndarray:
+def _apply_voi(values: np.ndarray, dataset) -> tuple[np.ndarray, float, float]:
+    """The VOI LUT (preferred) or window of `dataset` applied to modality `values`, with the VOI output range."""
+    from pydicom.pixels import apply_voi_lut
+
+    if dataset.get("VOILUTSequence"):
+        if np.issubdtype(values.dtype, np.floating) and np.array_equal(values, np.rint(values)):
+            values = values.astype(np.int64)
+        values = apply_voi_lut(values, dataset).astype(np.float64)
+        # The LUT's own output range: some devices declare more bits per entry than their LUT data use.
+        entries, first_mapped = dataset.VOILUTSequence[0].LUTDescriptor[:2]
+        table = apply_voi_lut(np.arange(first_mapped, first_mapped + (entries or 2**16)), dataset)
+        return values, float(table.min()), float(table.max())
+    if "WindowCenter" in dataset and "WindowWidth" in dataset:
+        width = dataset.WindowWidth[0] if dataset["WindowWidth"].VM > 1 else dataset.WindowWidth
+        if not float(width) > 0:  # also NaN
+            raise ValueError(f"WindowWidth is {width}; a window width must be positive (>= 1 for LINEAR windows)")
+        values = apply_voi_lut(values.astype(np.float64), dataset)
+        with np.errstate(over="ignore"):
+            low, high = apply_voi_lut(np.array([-1e12, 1e12]), dataset)
+        return values, float(low), float(high)
+    values = values.astype(np.float64)
+    return values, float(values.min()), float(values.max())
+
+
+def _open_pil(source: "str | os.PathLike | BinaryIO", label: str) -> PIL.Image.Image:
+    """`PIL.Image.open` (lazy: the header only), any failure as a `ValueError` naming the image."""
+    try:
+        with warnings.catch_warnings():  # over PIL's first threshold: our own limit decides
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            return PIL.Image.open(source)
+    except PIL.Image.DecompressionBombError as error:
+        raise ValueError(
+            f"{label} is refused as unreadable by PIL's decompression-bomb check ({error}); raise "
+            "PIL.Image.MAX_IMAGE_PIXELS (and max_image_pixels) if it is a genuine image."
+        ) from error
+    except Exception as error:  # PIL raises many exception types for corrupt or unsupported files
+        raise ValueError(f"Could not read the {label}: {error}") from error
+
+
+def _jpeg_reduction(image: PIL.Image.Image, max_image_pixels: int | None) -> int:
+    """The smallest DCT reduction (1, 2, 4, 8) that brings a JPEG under `max_image_pixels`; 0 when none does."""
+    width, height = image.size
+    for scale in (1, 2, 4, 8):
+        if max_image_pixels is None or math.ceil(width / scale) * math.ceil(height / scale) <= max_image_pixels:
+            return scale
+    return 0
+
+
+def _decode_pil(
+    image: PIL.Image.Image, label: str, max_image_pixels: int | None, max_size: int | None
+) -> PIL.Image.Image:
+    """Decode an opened (lazy) image within the pixel limit, reduced to `max_size` (longer side) when given."""
+    scale = _jpeg_reduction(image, max_image_pixels) if image.format == "JPEG" else 1
+    if scale != 1:
+        if scale == 0:
+            _check_pixels(image.size, max_image_pixels, label)  # even 1/8 of it is too much
+        image.draft(image.mode, (image.size[0] // scale, image.size[1] // scale))
+    else:
+        _check_pixels(image.size, max_image_pixels, label)
+    try:
+        if max_size is not None and max(image.size) > max_size:
+            # JPEGs are decoded at a reduced DCT scale (PIL draft), then resized: much cheaper for large files.
+            image.thumbnail((max_size, max_size), PIL.Image.Resampling.BILINEAR, reducing_gap=2.0)
+        image.load()
+    except Exception as error:  # truncated or corrupt data
+        raise ValueError(f"Could not read the {label}: {error}") from error
+    return image
+
+
+def load_grayscale_image(
+    path: "str | os.PathLike | bytes | bytearray | memoryview | BinaryIO",
+    high_bit_depth_scaling: str = "bit_depth",
+    *,
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS,
+    max_size: int | None = None,
+    name: str | None = None,
+) -> np.ndarray:
     """
-    Read an image file (any format PIL reads, or DICOM) as a `(height, width)` `uint8` array.
+    Read an encoded image (any format PIL reads, or DICOM) as a `(height, width)` `uint8` array, one file at a time.
+
+    Args:
+        path: a file path, the file's bytes, or a binary file object. DICOM is recognised by its `.dcm` / `.dicom`
+            suffix or by the `DICM` magic at byte 128 (files without a suffix, embedded bytes).
+        high_bit_depth_scaling: see `MedCLIPImageProcessorKwargs`.
+        max_image_pixels: the pixel limit, see [`MAX_IMAGE_PIXELS`].
+        max_size: decode images whose longer side exceeds it at that longer side (JPEG DCT scaling, then a bilinear
+            resize; not DICOM). `None` keeps the full resolution.
+        name: how messages name a source that is not a path (e.g. an image id).
 
     Raises:
-        `ValueError`: if the file does not exist, is not an image, or is corrupt or truncated.
+        `ValueError` naming the image: missing, empty, corrupt, truncated, not an image, over the pixel limit, or
+        with NaN values.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"Image file {str(path)!r} does not exist.")
+    label = f"image file {_describe(path, name)}"
+    if isinstance(path, (str, os.PathLike)):
+        if not Path(path).is_file():
+            raise ValueError(f"Image file {_describe(path, None)} does not exist.")
+        if os.path.getsize(path) == 0:
+            raise ValueError(f"The {label} is empty (0 bytes).")
+    elif isinstance(path, (bytes, bytearray, memoryview)):
+        if len(path) == 0:
+            raise ValueError(f"The {label} is empty (0 bytes).")
+        path = io.BytesIO(path)
     if _is_dicom(path):
-        return read_dicom(path)
-    try:
-        with PIL.Image.open(path) as image:
-            image.load()
-            return _pil_to_grayscale(image, high_bit_depth_scaling, f"image file {str(path)!r}")
-    except (OSError, SyntaxError, PIL.UnidentifiedImageError) as error:
-        raise ValueError(f"Could not read the image file {str(path)!r}: {error}") from error
+        return read_dicom(path, max_image_pixels=max_image_pixels, name=name)
+    with _open_pil(path, label) as image:
+        return _pil_to_grayscale(_decode_pil(image, label, max_image_pixels, max_size), high_bit_depth_scaling, label)
 
 
 def to_grayscale_uint8(
-    image: "PIL.Image.Image | np.ndarray | torch.Tensor | str | os.PathLike",
+    image: "PIL.Image.Image | np.ndarray | torch.Tensor | str | os.PathLike | bytes",
     high_bit_depth_scaling: str = "bit_depth",
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS,
 ) -> np.ndarray:
     """
     Decode one image of any supported kind into a `(height, width)` `uint8` grayscale array.
@@ -232,18 +366,22 @@ def to_grayscale_uint8(
       scaled as described by `high_bit_depth_scaling`.
     - Arrays and tensors of shape `(H, W)`, `(H, W, C)` or `(C, H, W)` with C in 1-4 (tensors prefer channels-first):
       `uint8` as is, other integer dtypes by `high_bit_depth_scaling`, floats in `[0, 1]` times 255 and other floats
-      min-max stretched.
-    - File paths (`str` / `os.PathLike`): read with PIL, or with pydicom for DICOM files (`.dcm` / `.dicom` suffix or
-      the `DICM` magic bytes), see [`read_dicom`].
+      min-max stretched; NaN or infinite values are refused.
+    - File paths (`str` / `os.PathLike`) and encoded bytes: read with PIL, or with pydicom for DICOM (`.dcm` /
+      `.dicom` suffix or the `DICM` magic bytes), see [`load_grayscale_image`] and [`read_dicom`].
+
+    Files and PIL images with more than `max_image_pixels` pixels are refused (see [`MAX_IMAGE_PIXELS`]).
     """
     if high_bit_depth_scaling not in HIGH_BIT_DEPTH_SCALINGS:
         raise ValueError(
             f"high_bit_depth_scaling must be one of {HIGH_BIT_DEPTH_SCALINGS}, got {high_bit_depth_scaling!r}."
         )
-    if isinstance(image, (str, os.PathLike)):
-        return load_grayscale_image(image, high_bit_depth_scaling)
+    if isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)):
+        return load_grayscale_image(image, high_bit_depth_scaling, max_image_pixels=max_image_pixels)
     if isinstance(image, PIL.Image.Image):
-        return _pil_to_grayscale(image, high_bit_depth_scaling, f"PIL image of mode {image.mode!r}")
+        label = f"PIL image of mode {image.mode!r}"
+        _check_pixels(image.size, max_image_pixels, label)
+        return _pil_to_grayscale(image, high_bit_depth_scaling, label)
     if isinstance(image, torch.Tensor):
         if image.is_complex() or image.dtype == torch.bool:
             raise ValueError(f"Tensor image has unsupported dtype {image.dtype}.")
@@ -254,8 +392,8 @@ def to_grayscale_uint8(
     if isinstance(image, np.ndarray):
         return _array_to_grayscale(image, high_bit_depth_scaling, "NumPy image", channels_first=False)
     raise ValueError(
-        f"Unsupported image type {type(image).__name__}; expected a PIL image, a NumPy array, a torch tensor or a "
-        "file path."
+        f"Unsupported image type {type(image).__name__}; expected a PIL image, a NumPy array, a torch tensor, a "
+        "file path or encoded bytes."
     )
 
 
@@ -308,11 +446,16 @@ class MedCLIPImageProcessor(PilBackend):
     image_std = MEDCLIP_IMAGE_STD
     num_channels = 1
     high_bit_depth_scaling = "bit_depth"
+    max_image_pixels = MAX_IMAGE_PIXELS
 
     def __init__(self, **kwargs: Unpack[MedCLIPImageProcessorKwargs]):
         super().__init__(**kwargs)
         if self.num_channels < 1:
             raise ValueError(f"num_channels must be a positive integer, got {self.num_channels}.")
+        if self.max_image_pixels is not None and not (
+            isinstance(self.max_image_pixels, int) and self.max_image_pixels > 0
+        ):
+            raise ValueError(f"max_image_pixels must be a positive integer or None, got {self.max_image_pixels!r}.")
         if self.high_bit_depth_scaling not in HIGH_BIT_DEPTH_SCALINGS:
             raise ValueError(
                 f"high_bit_depth_scaling must be one of {HIGH_BIT_DEPTH_SCALINGS}, got {self.high_bit_depth_scaling!r}."
@@ -330,11 +473,12 @@ class MedCLIPImageProcessor(PilBackend):
         self, image: Any, high_bit_depth_scaling: str | None = None, **kwargs: Unpack[MedCLIPImageProcessorKwargs]
     ) -> np.ndarray:
         """Decode one image into a `(1, height, width)` `uint8` array."""
-        return to_grayscale_uint8(image, high_bit_depth_scaling or self.high_bit_depth_scaling)[None]
+        scaling = high_bit_depth_scaling or self.high_bit_depth_scaling
+        return to_grayscale_uint8(image, scaling, kwargs.get("max_image_pixels", self.max_image_pixels))[None]
 
     def to_grayscale(self, image: Any) -> PIL.Image.Image:
         """Decode one image of any supported kind (see [`to_grayscale_uint8`]) into a PIL image of mode `"L"`."""
-        return PIL.Image.fromarray(to_grayscale_uint8(image, self.high_bit_depth_scaling))
+        return PIL.Image.fromarray(to_grayscale_uint8(image, self.high_bit_depth_scaling, self.max_image_pixels))
 
     def _preprocess(
         self,
@@ -386,6 +530,7 @@ def _min_square_side(size: SizeDict) -> int:
 
 
 __all__ = [
+    "MAX_IMAGE_PIXELS",
     "MEDCLIP_IMAGE_MEAN",
     "MEDCLIP_IMAGE_STD",
     "MedCLIPImageProcessor",

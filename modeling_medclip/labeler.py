@@ -104,6 +104,8 @@ _CLAUSE_VERBS = frozenset(
     {"is", "are", "was", "were", "has", "have", "had", "there", "be", "been", "appears", "appear", "seen", "noted"}
 )
 _LIST_CONJUNCTIONS = frozenset({"or", "and", "nor"})
+# Tokens that end the scope of a rule that governs only its own noun phrase (the anatomy rules).
+_NOUN_PHRASE_ENDS = frozenset({",", "of"})
 
 # Sentence splitting: a sentence ends at ".", "!" or "?" followed by whitespace, or at a "." glued to a capitalized
 # word ("apex.There"). Pieces ending in a title / common abbreviation are joined back; list markers are dropped.
@@ -451,10 +453,11 @@ class CheXpertLabeler:
     @staticmethod
     def _distance(tokens: list[str], breaks: list[bool], start: int, end: int, lists: bool = True) -> int | None:
         """Words between ``start`` and ``end``, counted from the last list comma (each list item gets the full
-        window), or None when a scope break lies between (or any comma, when ``lists`` is False)."""
+        window), or None when a scope break lies between. With ``lists`` False the scope is one noun phrase: any
+        comma or ``of`` ends it ("stable widening of the mediastinum": "stable" qualifies the widening)."""
         words = 0
         for index in range(start, end):
-            if breaks[index] or not lists and tokens[index] == ",":
+            if breaks[index] or not lists and tokens[index] in _NOUN_PHRASE_ENDS:
                 return None
             words = 0 if tokens[index] == "," else words + 1
         return words
@@ -466,10 +469,15 @@ class CheXpertLabeler:
         rules: list[tuple[int, int, _Rule]],
         start: int,
         end: int,
+        mention_ends: frozenset[int],
     ) -> float:
         """Label the mention at tokens ``[start, end)``: the earliest stage with a rule whose scope covers it, or
-        positive. A coordination ("or", a ``both`` rule) reaches back only over its own list: not past a trigger
-        that opens one ("opacities, without consolidation, or effusion": the opacities are no alternative)."""
+        positive. A coordination ("or", "versus": a ``both`` rule) reaches forward over its window but back only to
+        the mention that ends right before it ("infectious etiology versus scarring": the etiology is the
+        alternative, not "infectious"), and only within its own list: not past a trigger that opens one
+        ("opacities, without consolidation, or effusion": the opacities are no alternative). It reaches forward
+        over a modifier ("or focal consolidation") only when a mention (one of ``mention_ends``, the end tokens of
+        the sentence's mentions) ends right before it: otherwise it joins modifiers ("acute or subacute fracture")."""
         anatomy = tokens[end - 1] in self._anatomy
         best: _Rule | None = None
         for t_start, t_end, rule in rules:
@@ -477,11 +485,15 @@ class CheXpertLabeler:
                 continue
             if t_end <= start and rule.direction in ("pre", "both"):
                 distance = self._distance(tokens, breaks, t_end, start, not rule.anatomy_only)
+                if distance and rule.direction == "both" and t_start not in mention_ends:
+                    distance = None
             elif t_start >= end and rule.direction == "post":
                 distance = self._distance(tokens, breaks, end, t_start, not rule.anatomy_only)
             elif t_start >= end and rule.direction == "both":
                 opens_list = any(end <= o_start < t_start and o_rule.direction == "pre" for o_start, _, o_rule in rules)
                 distance = None if opens_list else self._distance(tokens, breaks, end, t_start)
+                # the left alternative ends right before the conjunction: a noun phrase's head is its last word
+                distance = distance if distance == 0 else None
             elif rule.direction == "self" and t_start <= start and end <= t_end:
                 distance = 0
             else:
@@ -497,8 +509,10 @@ class CheXpertLabeler:
         triggers = self._triggers.find(tokens)
         breaks = self._scope_breaks(tokens, triggers)
         rules = [(start, end, tag) for start, end, tags in triggers for tag in tags if isinstance(tag, _Rule)]
+        mention_ends = frozenset(end for _, _, end in found)
         return [
-            _Mention(name, self._classify(tokens, breaks, rules, start, end), start, end) for name, start, end in found
+            _Mention(name, self._classify(tokens, breaks, rules, start, end, mention_ends), start, end)
+            for name, start, end in found
         ]
 
     # ------------------------------------------------------------------------------------------------------------

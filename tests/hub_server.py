@@ -19,6 +19,10 @@ Storage lives on disk under ``root``: file contents in ``root/objects/<sha256>``
 ``root/repos/<type>s/<namespace>/<name>/refs.json`` plus one JSON manifest per commit in ``commits/<oid>.json``
 (``path -> {sha256, size, lfs, oid}``, parents, title, message, date). Creating a repo makes an initial commit holding a
 ``.gitattributes`` file, as the Hub does. Anyone may read; writes need an ``Authorization`` header (any token).
+Every part of a request that names something is checked against the Hub's rules before it is used (HTTP 400
+otherwise): the repo type (``model`` / ``dataset`` / ``space``), the namespace and repo name (``check_repo_name``),
+the file paths of uploads and commits (``check_path_in_repo``: relative, no ``.``, ``..``, empty or ``.git`` part) and
+branch / tag names (``check_ref_name``); a repo folder is always inside ``root/repos``.
 
 Failure injection (real HTTP errors, no mocks): ``server.fail_next(n, status=500, route="commit")`` makes the next
 ``n`` requests of that route fail; ``server.set_delay(seconds, route="commit")`` slows a route down.
@@ -97,7 +101,11 @@ ROUTES = (
 )  # fmt: skip
 COMMIT_OID = re.compile(r"^[0-9a-f]{7,40}$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
-REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+# The Hub's naming rules (as `huggingface_hub.utils.validate_repo_id` states them): ASCII letters, digits, "_", "-" and
+# "."; 1-96 characters that neither start nor end with "-" or "."; no "--" or ".."; no ".git" ending.
+REPO_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?", re.ASCII)
+FORBIDDEN_PATH_PARTS = ("", ".", "..", ".git")
+MAX_PATH_LENGTH = 1000
 
 
 class HubError(Exception):
@@ -109,6 +117,68 @@ class HubError(Exception):
         self.message = message
         self.error_code = error_code
         self.headers = headers or {}
+
+
+def check_repo_type(repo_type) -> str:
+    """``repo_type`` if it is one of the Hub's repo types, else a 400 error."""
+    if repo_type not in URL_PREFIXES:
+        raise HubError(400, f"Invalid repo type {repo_type!r}: expected one of {sorted(URL_PREFIXES)}")
+    return repo_type
+
+
+def check_repo_name(name, what: str = "repo name") -> str:
+    """``name`` (a namespace or a repo name) if it follows the Hub's naming rules, else a 400 error."""
+    if (
+        not isinstance(name, str)
+        or not REPO_NAME.fullmatch(name)
+        or "--" in name
+        or ".." in name
+        or name.endswith(".git")
+    ):
+        raise HubError(
+            400,
+            f"Invalid {what} {name!r}: use letters, digits, '-', '_' or '.' (at most 96), not starting or ending "
+            "with '-' or '.', without '--', '..' or a '.git' ending",
+        )
+    return name
+
+
+def check_repo_id(repo_id) -> str:
+    """``repo_id`` if it is ``namespace/name`` with both parts valid (see ``check_repo_name``), else a 400 error."""
+    parts = repo_id.split("/") if isinstance(repo_id, str) else []
+    if len(parts) != 2:
+        raise HubError(400, f"Invalid repo id {repo_id!r}: expected 'namespace/name'")
+    check_repo_name(parts[0], "namespace")
+    check_repo_name(parts[1])
+    return repo_id
+
+
+def check_path_in_repo(path, folder: bool = False) -> str:
+    """``path`` if it is a relative path inside a repo (no empty, ``.``, ``..`` or ``.git`` part; a ``folder`` may end
+    with ``/``), else a 400 error."""
+    if (
+        not isinstance(path, str)
+        or len(path) > MAX_PATH_LENGTH
+        or any(part in FORBIDDEN_PATH_PARTS for part in (path.removesuffix("/") if folder else path).split("/"))
+        or any(ord(char) < 32 or char == "\\" for char in path)
+    ):
+        raise HubError(400, f"Invalid path in repo {path!r}: expected a relative path without '.', '..' or '.git'")
+    return path
+
+
+def check_ref_name(name) -> str:
+    """``name`` if it is a valid branch or tag name (git's rules, simplified), else a 400 error."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or any(part in FORBIDDEN_PATH_PARTS or part.startswith((".", "-")) or part.endswith(".lock")
+               for part in name.split("/"))
+        or any(ord(char) < 33 or char in "~^:?*[\\\x7f" for char in name)
+        or "@{" in name
+        or name.endswith(".")
+    ):
+        raise HubError(400, f"Invalid reference name {name!r}")
+    return name
 
 
 def _now() -> str:
@@ -150,9 +220,11 @@ class HubStore:
 
     # repos
     def repo_dir(self, repo_type: str, repo_id: str) -> Path:
-        if not REPO_ID.match(repo_id) or ".." in repo_id:
-            raise HubError(400, f"Invalid repo id {repo_id!r}: expected 'namespace/name'")
-        return self.root / "repos" / f"{repo_type}s" / repo_id
+        """``root/repos/<type>s/<namespace>/<name>`` after checking every part; never a folder outside ``root``."""
+        path = self.root / "repos" / f"{check_repo_type(repo_type)}s" / check_repo_id(repo_id)
+        if not path.resolve().is_relative_to((self.root / "repos").resolve()):
+            raise HubError(400, f"Invalid repo id {repo_id!r}")
+        return path
 
     def require_repo(self, repo_type: str, repo_id: str) -> Path:
         path = self.repo_dir(repo_type, repo_id)
@@ -238,6 +310,7 @@ class HubStore:
                 raise HubError(412, f"A commit has happened since {parent_commit}. Please refresh and try again.")
             files = dict(self.commit_info(repo_type, repo_id, head)["files"])
             for key, value in operations:
+                check_path_in_repo(value.get("path"), folder=key == "deletedFolder")
                 if key == "file":
                     files[value["path"]] = self._regular_entry(base64.b64decode(value["content"]))
                 elif key == "lfsFile":
@@ -268,6 +341,7 @@ class HubStore:
 
     def set_ref(self, repo_type: str, repo_id: str, kind: str, name: str, oid: str | None) -> None:
         """Create (``oid``) or delete (``None``) a branch or tag; 409 if it exists, 404 if it does not."""
+        check_ref_name(name)
         with self.lock:
             path = self.require_repo(repo_type, repo_id)
             refs = self.refs(repo_type, repo_id)
@@ -544,10 +618,7 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
 
     def _create_repo(self) -> None:
         payload = self._json_body()
-        repo_type = payload.get("type") or "model"
-        if repo_type not in URL_PREFIXES:
-            raise HubError(400, f"Invalid repo type {repo_type!r}")
-        repo_id = f"{payload.get('organization') or USER}/{payload['name']}"
+        repo_type, repo_id = self._payload_repo(payload)
         private = payload.get("visibility", "public") != "public" or bool(payload.get("private"))
         url = self._repo_url(repo_type, repo_id)
         if not self.server.store.create_repo(repo_type, repo_id, private):
@@ -558,10 +629,15 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         self._send_json({"url": url, "name": repo_id, "id": hashlib.sha1(url.encode()).hexdigest()[:24]})
 
     def _delete_repo(self) -> None:
-        payload = self._json_body()
-        repo_id = f"{payload.get('organization') or USER}/{payload['name']}"
-        self.server.store.delete_repo(payload.get("type") or "model", repo_id)
+        self.server.store.delete_repo(*self._payload_repo(self._json_body()))
         self._send_json({})
+
+    @staticmethod
+    def _payload_repo(payload: dict) -> tuple[str, str]:
+        """``(repo_type, repo_id)`` of a create / delete request body (``type``, ``organization``, ``name``)."""
+        repo_type = check_repo_type(payload.get("type") or "model")
+        namespace = check_repo_name(payload.get("organization") or USER, "namespace")
+        return repo_type, f"{namespace}/{check_repo_name(payload.get('name'))}"
 
     def _validate_yaml(self) -> None:
         import yaml
@@ -619,7 +695,7 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         ignore = [line for line in ignore if line and not line.startswith("#")]
         answers = []
         for item in payload["files"]:
-            path, size = item["path"], item["size"]
+            path, size = check_path_in_repo(item["path"]), item["size"]
             name = path.rsplit("/", 1)[-1]
             lfs = size > LFS_SIZE_THRESHOLD or any(fnmatch.fnmatch(name, p) for p in LFS_PATTERNS)
             remote = files.get(path)

@@ -68,3 +68,30 @@ def test_run_eval_writes_results_and_a_model_card(model_and_processor, covid_cxr
     split_ids = json.loads((tmp_path / "eval" / "eval_splits" / "covid-cxr.json").read_text())
     assert len(split_ids["image_ids"]) == results["num_images"]
     assert "not** a medical device" in card.text
+
+
+def test_run_eval_reads_the_shared_data_folder_of_medclip_shared_data(model_and_processor, covid_cxr_dir, tmp_path,
+                                                                       monkeypatch):  # fmt: skip
+    import sys
+
+    import pandas as pd
+
+    sys.path.insert(0, str(REPO_ROOT))
+    import run_eval
+
+    model, processor = model_and_processor
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    shared = tmp_path / "shared"
+    (shared / "covid-cxr").mkdir(parents=True)
+    pd.read_csv(covid_cxr_dir / "metadata.csv", keep_default_na=False).iloc[:60].to_csv(
+        shared / "covid-cxr" / "metadata.csv", index=False
+    )
+    (shared / "covid-cxr" / "images").symlink_to(covid_cxr_dir / "images")
+    monkeypatch.setenv("MEDCLIP_SHARED_DATA", str(shared))
+    results = run_eval.main(["--model_name_or_path", str(tmp_path / "model"), "--eval_tasks", "covid-cxr",
+                             "--prompts_per_class", "2", "--output_dir", str(tmp_path / "eval")])  # fmt: skip
+    assert results["covid-cxr"]["num_images"] == len(get_task("covid-cxr").split(shared / "covid-cxr").images) < 60
+    monkeypatch.setenv("MEDCLIP_SHARED_DATA", str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="empty"):
+        run_eval.main(["--model_name_or_path", str(tmp_path / "model"), "--eval_tasks", "covid-cxr"])

@@ -8,6 +8,7 @@ import PIL.Image
 import pytest
 import torch
 from transformers import AutoImageProcessor, PreTrainedConfig
+from support import bad_inputs
 
 from modeling_medclip.image_processing_medclip import MedCLIPImageProcessor, to_grayscale_uint8
 
@@ -201,24 +202,9 @@ def test_bad_files_raise_value_error_naming_the_path(processor, image_paths, tmp
 
 
 def write_dicom(path: Path, pixels: np.ndarray, photometric: str, bits_stored: int, **elements) -> Path:
-    """Write a minimal uncompressed secondary-capture DICOM file with pydicom."""
+    """A minimal uncompressed secondary-capture DICOM file (skips the test without pydicom)."""
     pytest.importorskip("pydicom")
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    dataset = Dataset()
-    dataset.file_meta = FileMetaDataset()
-    dataset.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset.SOPClassUID = SecondaryCaptureImageStorage
-    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID
-    dataset.Modality = "CR"
-    dataset.set_pixel_data(pixels, photometric, bits_stored)
-    for keyword, value in elements.items():
-        setattr(dataset, keyword, value)
-    dataset.save_as(path, enforce_file_format=True)
-    return path
+    return bad_inputs.write_dicom(path, pixels, photometric, bits_stored, **elements)
 
 
 def test_dicom_rescale_and_window(processor, image_paths, gray, tmp_path):

@@ -377,6 +377,8 @@ RULE_CASES = {
         ("Small pericardial effusion.", {}),
         ("Pacemaker leads project over the heart.", {"Support Devices": 1.0}),
         ("Mild plate-like atelectasis.", {"Atelectasis": 1.0}),
+        # whole words, not substrings: an uncalcified nodule is no calcified one (a listed disagreement)
+        ("Uncalcified nodule in the lingula.", {"Lung Lesion": 1.0}),
     ],
     "pre-negation uncertainty": [
         ("Cannot exclude a small left pleural effusion.", {"Pleural Effusion": -1.0}),
@@ -399,6 +401,40 @@ RULE_CASES = {
         ("Pulmonary vascular congestion.", {"Edema": -1.0}),
         ("Stable cardiomediastinal silhouette.", {"Enlarged Cardiomediastinum": -1.0}),
         ("Pneumothorax is not well visualized.", {"Pneumothorax": -1.0}),
+        ("Pneumonia is possible.", {"Pneumonia": -1.0}),
+    ],
+    # "or" / "versus" join the two alternatives next to them, not the rest of the sentence
+    "conjunction scope": [
+        ("Basilar opacities may represent atelectasis versus scarring.", {"Lung Opacity": 1.0, "Atelectasis": -1.0}),
+        ("Lung base scarring with possible small effusions.", {"Lung Opacity": 1.0, "Pleural Effusion": -1.0}),
+        ("Opacities, atelectasis versus airspace disease.", {"Lung Opacity": 1.0, "Atelectasis": -1.0}),
+        (
+            "Opacities representing an infectious etiology versus chronic lung disease.",
+            {"Lung Opacity": 1.0, "Pneumonia": 1.0},
+        ),
+        # "or" joins two modifiers, not two findings; after a mention it reaches over a modifier
+        ("Appearance of acute or subacute rib fracture.", {"Fracture": 1.0}),
+        ("Atelectasis or focal consolidation.", {"Atelectasis": -1.0, "Consolidation": -1.0}),
+    ],
+    # an attributive "normal" negates its own noun; a predicative one what it describes, not a following "with"
+    "attributive normal": [
+        ("Mild cardiomegaly with normal pulmonary vasculature.", {"Cardiomegaly": 1.0}),
+        ("Cardiomediastinal silhouette demonstrates normal heart size.", {"Enlarged Cardiomediastinum": 1.0, "Cardiomegaly": 0.0}),
+        (
+            "The heart size is normal with stable appearance of the cardiomediastinal silhouette.",
+            {"Cardiomegaly": 0.0, "Enlarged Cardiomediastinum": -1.0},
+        ),
+    ],
+    # "upper limits of normal" negates only "at" / "within" the limits, or the noun it qualifies
+    "upper limits of normal": [
+        ("Heart size is upper limits of normal.", {"Cardiomegaly": 1.0}),
+        ("Heart size is at the upper limits of normal.", {"Cardiomegaly": 0.0}),
+        ("Upper limits of normal heart size.", {"Cardiomegaly": 0.0}),
+    ],
+    # "stable" / "unchanged" qualify an anatomical mention only within its own noun phrase
+    "anatomy noun phrase": [
+        ("Stable widening of the upper mediastinum.", {"Enlarged Cardiomediastinum": 1.0}),
+        ("Stable appearance of the cardiomediastinal silhouette.", {"Enlarged Cardiomediastinum": -1.0}),
     ],
 }
 

@@ -7,16 +7,11 @@ import os
 import subprocess
 import sys
 
-import pandas as pd
 import pytest
 from conftest import REPO_ROOT
-from huggingface_hub import HfApi
-from support.corpora import write_chexpert, write_image, write_mimic, write_rsna
+from support.corpora import push_covid_subset, write_chexpert, write_image, write_mimic, write_rsna
 from test_datasets import _nih_fixture
 from transformers import AutoModel
-
-from dataset_scripts import build_covid_cxr
-from dataset_scripts.to_parquet import write_parquet_shards
 
 pytestmark = pytest.mark.slow
 
@@ -104,15 +99,7 @@ def test_two_image_sources_mixed(tmp_path, shared_data):
 
 
 def test_a_hub_dataset_repo(hub_server, tmp_path, covid_cxr_dir):
-    subset = tmp_path / "covid-subset"
-    subset.mkdir()
-    pd.read_csv(covid_cxr_dir / "metadata.csv", keep_default_na=False).iloc[:40].to_csv(
-        subset / "metadata.csv", index=False
-    )
-    (subset / "images").symlink_to(covid_cxr_dir / "images")
-    write_parquet_shards(build_covid_cxr(subset), tmp_path / "parquet" / "data", shard_size=20)
-    HfApi().create_repo("user/covid-subset", repo_type="dataset")
-    HfApi().upload_folder(folder_path=tmp_path / "parquet", repo_id="user/covid-subset", repo_type="dataset")
+    push_covid_subset(covid_cxr_dir, tmp_path, "user/covid-subset", rows=40, shard_size=20)
     run_pretrain(tmp_path / "run", "--image_dataset", "hub:user/covid-subset", *PAIRED_CONVIRT, env=hub_server.env)
     check_run(tmp_path / "run")
     assert "user/covid-subset" in (tmp_path / "run" / "final" / "README.md").read_text()

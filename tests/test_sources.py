@@ -3,9 +3,8 @@
 import itertools
 from collections import Counter
 
-import pandas as pd
 import pytest
-from huggingface_hub import HfApi
+from support.corpora import push_covid_subset
 
 from dataset_scripts.covid_cxr import COVID_CXR_CLASSES, build_covid_cxr
 from dataset_scripts.registry import class_label_vector, covid_cxr_labels
@@ -114,15 +113,7 @@ def test_two_image_sources_mixed_by_weight(shared_data):
 
 
 def test_hub_dataset_source_streams_the_parquet_shards(hub_server, covid_cxr_dir, tmp_path):
-    subset = tmp_path / "covid-subset"
-    subset.mkdir()
-    pd.read_csv(covid_cxr_dir / "metadata.csv", keep_default_na=False).iloc[:30].to_csv(
-        subset / "metadata.csv", index=False
-    )
-    (subset / "images").symlink_to(covid_cxr_dir / "images")
-    write_parquet_shards(build_covid_cxr(subset), tmp_path / "parquet" / "data", shard_size=10)
-    HfApi().create_repo("user/covid-parquet", repo_type="dataset")
-    HfApi().upload_folder(folder_path=tmp_path / "parquet", repo_id="user/covid-parquet", repo_type="dataset")
+    subset = push_covid_subset(covid_cxr_dir, tmp_path, "user/covid-parquet", rows=30, shard_size=10)
 
     source = parse_source("hub:user/covid-parquet")
     rows = list(image_stream([source]))

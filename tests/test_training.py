@@ -416,3 +416,18 @@ def test_one_pretrained_tower_and_one_from_a_named_config(tmp_path, tokenizer_di
     torch.testing.assert_close(
         model.text_model.embeddings.word_embeddings.weight, text.embeddings.word_embeddings.weight
     )
+
+
+def test_a_loaded_model_keeps_its_frozen_layers_frozen(tmp_path, tokenizer_dir):
+    """`from_pretrained` loads every parameter trainable; resuming must optimise the same parameters as before."""
+    from modeling_medclip.training import ModelArguments, build_model_and_processor
+
+    torch.manual_seed(0)
+    model = tiny_model("convirt")  # first text layer frozen, fixed logit scale
+    model.save_pretrained(tmp_path / "convirt")
+    loaded, _ = build_model_and_processor(
+        ModelArguments(model_type="convirt", model_name_or_path=str(tmp_path / "convirt"),
+                       tokenizer_name_or_path=str(tokenizer_dir), image_size=32)
+    )  # fmt: skip
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and frozen == {name for name, p in loaded.named_parameters() if not p.requires_grad}

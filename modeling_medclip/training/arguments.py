@@ -3,7 +3,7 @@
 import argparse
 import json
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,7 +12,7 @@ from transformers import HfArgumentParser
 
 from dataset_scripts.registry import builders_help
 from dataset_scripts.sources import sources_help
-from dataset_scripts.tasks import tasks_help
+from dataset_scripts.tasks import expand_tasks, tasks_help
 
 from .presets import DEFAULT_PRESET, PRESETS
 
@@ -235,7 +235,23 @@ class OptimizationArguments:
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id (`user/name`) for --push_to_hub."})
     hub_revision: str | None = field(default=None, metadata={"help": "Hub branch to push to (default: main)."})
     hub_private_repo: bool | None = field(default=None, metadata={"help": "Create the Hub repo as private."})
-    hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: the saved one / HF_TOKEN)."})
+    hub_token: str | None = field(
+        default=None,
+        repr=False,
+        metadata={"help": "Hub token (default: HF_TOKEN / the saved one). Used only for Hub calls: never written to "
+                  "training_args.json, checkpoints, logs or the trackers' config."},
+    )
+    hub_upload_timeout: float = field(
+        default=300.0,
+        metadata={"help": "Seconds the end of the run waits, in total, for uploads still running. What is not on the "
+                  "Hub by then stays listed in output_dir/hub_uploads.json and is uploaded by the next run into that "
+                  "folder (e.g. --resume_from_checkpoint latest)."},
+    )
+    ignore_settings_mismatch: bool = field(
+        default=False,
+        metadata={"help": "Resume from a checkpoint written with other settings (refused by default; see "
+                  "RESUMABLE_CHANGES for the settings a resumed run may change)."},
+    )
 
     def __post_init__(self):
         if self.gradient_accumulation_steps < 1:
@@ -254,6 +270,94 @@ class PretrainArguments:
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, OptimizationArguments)
+SECRET_ARGUMENTS = ("hub_token",)
+RESUMABLE_CHANGES = (
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "ignore_settings_mismatch", "max_steps",
+    "num_train_epochs", "logging_steps", "eval_steps", "save_steps", "save_total_limit", "report_to", "disable_tqdm",
+    "push_to_hub", "hub_model_id", "hub_revision", "hub_private_repo", "hub_token", "hub_upload_timeout",
+    "metric_for_best_model", "greater_is_better", "per_device_eval_batch_size", "max_eval_samples", "max_eval_images",
+    "prompts_per_class", "prompt_seed",
+)  # fmt: skip
+"""Settings a resumed run may change (where it stops, what it logs and evaluates, where it uploads); any other
+change makes `--resume_from_checkpoint` refuse the checkpoint unless `--ignore_settings_mismatch`."""
+PAIRED_LOSSES = ("infonce", "convirt", "sigmoid")
+
+
+def public_arguments(args: PretrainArguments) -> dict[str, Any]:
+    """All arguments as JSON-able nested dicts (`training_args.json`), without secrets (the Hub token)."""
+    arguments = json.loads(json.dumps(asdict(args), default=str))
+    for group in arguments.values():
+        for name in SECRET_ARGUMENTS:
+            group.pop(name, None)
+    return arguments
+
+
+def run_settings(args: PretrainArguments) -> dict[str, Any]:
+    """The settings that decide a run's trajectory (all but `RESUMABLE_CHANGES`), flat: what checkpoints record."""
+    return {
+        name: value
+        for group in public_arguments(args).values()
+        for name, value in group.items()
+        if name not in RESUMABLE_CHANGES
+    }
+
+
+def argument_problems(args: PretrainArguments) -> list[str]:
+    """Every argument value that makes no sense, one message each (empty when all are fine)."""
+    model, data, training = args.model, args.data, args.training
+    problems = []
+
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    loss = model.loss_type or {"convirt": "convirt", "medclip": "semantic"}[model.model_type]
+    check(data.batching != "decoupled" or loss not in PAIRED_LOSSES,
+          f"--batching decoupled pairs unrelated images and texts, but --loss_type {loss} trains each image with "
+          "its own text as the positive: use --batching paired or --loss_type semantic")
+    for name, value in (("learning_rate", training.learning_rate), ("head_learning_rate", training.head_learning_rate),
+                        ("label_similarity_scale", model.label_similarity_scale),
+                        ("num_train_epochs", training.num_train_epochs if training.max_steps <= 0 else None),
+                        ("hub_upload_timeout", training.hub_upload_timeout)):  # fmt: skip
+        check(value is None or value > 0, f"--{name} must be > 0, got {value}")
+    for name, value in (("weight_decay", training.weight_decay), ("warmup_steps", training.warmup_steps),
+                        ("save_steps", training.save_steps), ("eval_steps", training.eval_steps),
+                        ("save_total_limit", training.save_total_limit), ("adam_epsilon", training.adam_epsilon),
+                        ("dataloader_num_workers", data.dataloader_num_workers),
+                        ("num_frozen_text_layers", model.num_frozen_text_layers)):  # fmt: skip
+        check(value is None or value >= 0, f"--{name} must be >= 0, got {value}")
+    for name, value in (("logging_steps", training.logging_steps), ("image_size", model.image_size),
+                        ("max_length", model.max_length), ("projection_dim", model.projection_dim),
+                        ("per_device_train_batch_size", training.per_device_train_batch_size),
+                        ("per_device_eval_batch_size", training.per_device_eval_batch_size),
+                        ("per_device_text_batch_size", data.per_device_text_batch_size),
+                        ("shuffle_buffer_size", data.shuffle_buffer_size),
+                        ("prompts_per_class", data.prompts_per_class), ("max_eval_samples", data.max_eval_samples),
+                        ("max_eval_images", data.max_eval_images)):  # fmt: skip
+        check(value is None or value >= 1, f"--{name} must be >= 1, got {value}")
+    for name, value in (("adam_beta1", training.adam_beta1), ("adam_beta2", training.adam_beta2)):
+        check(0 <= value < 1, f"--{name} must be in [0, 1), got {value}")
+    check(0 < data.eval_split_size < 1, f"--eval_split_size must be in (0, 1), got {data.eval_split_size}")
+    metric = training.metric_for_best_model
+    if metric is not None:
+        try:
+            tasks = {task.name for task, _ in expand_tasks(data.eval_tasks)}
+        except ValueError as error:
+            problems.append(f"--eval_tasks: {error}")
+            tasks = set()
+        task = metric.removeprefix("eval_").split("/", 1)[0] if "/" in metric else None
+        check(metric.startswith("eval_") and (task is None or task in tasks),
+              f"--metric_for_best_model {metric} is not a validation metric: expected eval_loss, "
+              "eval_i2t_recall@1/5, eval_t2i_recall@1/5 or eval_<task>/<metric> of an --eval_tasks task "
+              f"({', '.join(sorted(tasks)) or 'none given'})")
+    return problems
+
+
+def check_arguments(args: PretrainArguments, more_problems: list[str] = ()) -> None:
+    """Raise one `ValueError` naming every bad argument (see [`argument_problems`]) and `more_problems`."""
+    problems = [*argument_problems(args), *more_problems]
+    if problems:
+        raise ValueError(f"{len(problems)} bad argument(s):\n" + "\n".join(f"  - {problem}" for problem in problems))
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

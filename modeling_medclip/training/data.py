@@ -143,7 +143,7 @@ class MicroBatches:
         return iter(loader)
 
     def next(self) -> dict:
-        empty_epochs = 0
+        empty_epochs, unusable = 0, 0
         while True:
             if self._iterator is None:
                 self._iterator = self._loader()
@@ -152,6 +152,12 @@ class MicroBatches:
             except StopIteration:
                 self._iterator = None
                 empty_epochs += 1
+                if empty_epochs > 1 and unusable:
+                    raise ValueError(
+                        f"no usable training batch in a whole epoch: every image ({self.skipped_images} skipped so "
+                        "far) or every text of the training stream is unreadable or empty; the warnings above name "
+                        "the files"
+                    )
                 if empty_epochs > 1:
                     raise ValueError("the training stream gives this process no batch (too few examples?)")
                 self.stream.set_epoch(self.stream.epoch + 1)
@@ -159,6 +165,7 @@ class MicroBatches:
             self.stream.record(batch)
             self.skipped_images += batch.get("num_skipped_images", 0)
             if batch.get("pixel_values") is None or batch.get("input_ids") is None:
+                unusable += 1
                 continue  # every image / text of the batch was unreadable (the collator warned)
             return batch
 

@@ -27,19 +27,28 @@ from transformers.utils import logging as transformers_logging
 
 from dataset_scripts.sources import parse_sources
 
+from ..adapters import adapter_model_card
 from ..checkpointing import (
+    check_checkpoint_settings,
     read_checkpoint,
     resolve_checkpoint,
     rotate_checkpoints,
     save_pretrained_atomic,
+    settings_fingerprint,
     sorted_checkpoints,
     write_checkpoint,
 )
-from ..hub import BackgroundUploader, push_final
-from ..adapters import adapter_model_card
+from ..hub import UPLOAD_RECORD_NAME, BackgroundUploader
 from ..model_card import write_model_card
 from ..processing_medclip import MedCLIPProcessor
-from .arguments import OptimizationArguments, PretrainArguments
+from .arguments import (
+    SECRET_ARGUMENTS,
+    OptimizationArguments,
+    PretrainArguments,
+    check_arguments,
+    public_arguments,
+    run_settings,
+)
 from .data import MicroBatches, SeededCollate, build_collator, build_train_stream, count_batches, resolve_batching
 from .factory import build_model_and_processor
 from .trainer import ContrastiveTrainer, StepOutput
@@ -88,6 +97,7 @@ class Run:
     validation: Validation
     output_dir: Path
     uploader: BackgroundUploader | None = None
+    settings: dict = field(default_factory=dict)  # run_settings(args): recorded in every checkpoint
 
     def log(self, state: RunState, values: dict) -> None:
         """Appends `values` to `metrics.jsonl` (main process) and sends them to the trackers."""
@@ -158,11 +168,17 @@ def start_run(args: PretrainArguments, accelerator: Accelerator, output_dir: Pat
     """Builds the model, data, trainer and validation, and restores a checkpoint's state when resuming."""
     model_args, training_args = args.model, args.training
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, output_dir)
+    if checkpoint is not None:
+        check_checkpoint_settings(checkpoint, run_settings(args), training_args.ignore_settings_mismatch)
     parse_sources(args.data.image_dataset, args.data.image_dataset_weights)  # bad data flags fail before any download
     set_seed(training_args.seed)
     if checkpoint is not None and not model_args.peft:  # with --peft a checkpoint holds only the adapter
         model_args = type(model_args)(**{**asdict(model_args), "model_name_or_path": str(checkpoint)})
     model, processor = build_model_and_processor(model_args, checkpoint if model_args.peft else None)
+    positions = getattr(model.config.text_config, "max_position_embeddings", None)
+    if positions is not None and model_args.max_length > positions:
+        too_long = f"--max_length {model_args.max_length} is beyond the text tower's {positions} positions"
+        check_arguments(args, [too_long])
     stream = build_train_stream(args, model.config, accelerator.process_index, accelerator.num_processes)
     max_steps = training_args.max_steps
     if max_steps <= 0:
@@ -185,13 +201,18 @@ def start_run(args: PretrainArguments, accelerator: Accelerator, output_dir: Pat
                             accelerator.process_index)  # fmt: skip
     batches = MicroBatches(stream, collate, args.data.dataloader_num_workers, training_args.seed, skipped_images)
     validation = build_validation(args, model.config, processor) if accelerator.is_main_process else Validation()
-    run = Run(args, accelerator, trainer, processor, stream, batches, validation, output_dir)
+    run = Run(args, accelerator, trainer, processor, stream, batches, validation, output_dir,
+              settings=run_settings(args))  # fmt: skip
     if accelerator.is_main_process:
         validation.write_split_ids(output_dir / "eval_splits")
         _truncate_metrics(output_dir / "metrics.jsonl", state.global_step)
         if training_args.push_to_hub:
             run.uploader = BackgroundUploader(training_args.hub_model_id, revision=training_args.hub_revision,
                                               private=training_args.hub_private_repo, token=training_args.hub_token)
+            run.uploader.upload_pending(output_dir)  # what an earlier run into this folder could not upload
+        elif (output_dir / UPLOAD_RECORD_NAME).is_file():
+            logger.warning("%s lists folders not yet on the Hub; a run with --push_to_hub uploads them.",
+                           output_dir / UPLOAD_RECORD_NAME)  # fmt: skip
     if training_args.report_to != "none":
         accelerator.init_trackers(output_dir.name, config=_flat_config(args))
     return run, state
@@ -223,15 +244,15 @@ def save_checkpoint(run: Run, state: RunState) -> None:
         optimizer=trainer.optimizer, scheduler=trainer.scheduler, data_state=run.stream.state_dict(),
         trainer_state={"global_step": state.global_step, "best_metric": state.best_metric,
                        "max_steps": state.max_steps, "initial_metrics": state.initial_metrics,
-                       "skipped_images": run.batches.skipped_images},
+                       "skipped_images": run.batches.skipped_images, "settings": run.settings,
+                       "settings_fingerprint": settings_fingerprint(run.settings)},
     )  # fmt: skip
     if run.accelerator.is_main_process:
-        limit = run.args.training.save_total_limit
+        keep = set()
         if run.uploader is not None:
-            run.uploader.upload(folder, path_in_repo=folder.name)
-            if limit and len(sorted_checkpoints(run.output_dir)) > limit:
-                run.uploader.wait()  # a folder must stay on disk until its upload is done
-        rotate_checkpoints(run.output_dir, limit)
+            run.uploader.upload(folder, path_in_repo=folder.name)  # returns at once: training never waits
+            keep = run.uploader.pending_folders()  # rotation spares folders until they are on the Hub
+        rotate_checkpoints(run.output_dir, run.args.training.save_total_limit, keep=keep)
     run.accelerator.wait_for_everyone()
 
 
@@ -256,6 +277,7 @@ def train(args: PretrainArguments, accelerator: Accelerator | None = None) -> Tr
 def run_training(args: PretrainArguments, accelerator: Accelerator | None) -> TrainResult:
     """The outline of a run: state, loop, validate, save, finish."""
     training_args = args.training
+    check_arguments(args)  # every bad value named at once, before anything is built or deleted
     accelerator = accelerator or build_accelerator(training_args)
     run, state = start_run(args, accelerator, prepare_output_dir(training_args, accelerator))
     if state.global_step == 0:  # the same protocols on the untrained model, so the reader sees what training bought
@@ -303,9 +325,8 @@ def finish(run: Run, state: RunState, runtime: float) -> TrainResult:
     result = TrainResult(output_dir, output_dir / "final", best_dir if best_dir.is_dir() else None, state.global_step,
                          metrics, state.initial_metrics)  # fmt: skip
     if run.accelerator.is_main_process:
-        arguments = json.loads(json.dumps(asdict(run.args), default=str))
-        save_pretrained_atomic(result.final_model_dir, run.trainer.unwrapped, run.processor,
-                               {"train_results.json": metrics, "training_args.json": arguments})  # fmt: skip
+        extra = {"train_results.json": metrics, "training_args.json": public_arguments(run.args)}
+        save_pretrained_atomic(result.final_model_dir, run.trainer.unwrapped, run.processor, extra)
         write_run_card(run, result)
         (output_dir / "train_results.json").write_text(
             json.dumps({**metrics, "before_training": state.initial_metrics}, indent=2) + "\n"
@@ -319,17 +340,16 @@ def finish(run: Run, state: RunState, runtime: float) -> TrainResult:
 
 
 def upload_final(run: Run, result: TrainResult) -> list[str]:
-    """Waits for the checkpoint uploads, pushes `final/`; returns the failures (the local folders stay intact)."""
+    """Queues `final/` after the checkpoints and waits at most `--hub_upload_timeout` seconds in total; returns what
+    is not on the Hub (still listed in `hub_uploads.json` for the next run; the local folders stay intact)."""
     training_args = run.args.training
-    errors = [str(failure) for failure in run.uploader.close(raise_on_failure=False)]
-    try:
-        push_final(result.final_model_dir, training_args.hub_model_id, revision=training_args.hub_revision,
-                   commit_message=f"Final model after {result.global_step} steps",
-                   private=training_args.hub_private_repo, token=training_args.hub_token)  # fmt: skip
-    except Exception as error:  # report, do not lose the run
-        errors.append(f"{result.final_model_dir} -> {training_args.hub_model_id}: {error!r}")
+    run.uploader.upload(result.final_model_dir, path_in_repo="",
+                        commit_message=f"Final model after {result.global_step} steps")  # fmt: skip
+    errors = [str(failure) for failure in run.uploader.close(training_args.hub_upload_timeout, raise_on_failure=False)]
+    # checkpoints spared while their upload was pending go now, if they made it
+    rotate_checkpoints(run.output_dir, training_args.save_total_limit, keep=run.uploader.pending_folders())
     for error in errors:
-        logger.error("Hub upload failed: %s", error)
+        logger.error("Not uploaded to the Hub yet: %s", error)
     return errors
 
 
@@ -371,11 +391,22 @@ def write_run_card(run: Run, result: TrainResult) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Keeps the lines of `metrics.jsonl` up to `step` (a resumed run rewrites what came after its checkpoint)."""
+    """Keeps the lines of `metrics.jsonl` up to `step` (a resumed run rewrites what came after its checkpoint).
+
+    A torn last line (what a kill or a full disk leaves) is dropped with a warning; a bad line elsewhere is an error.
+    """
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    entries = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            entries.append((json.loads(line), line))
+        except json.JSONDecodeError as error:
+            if number < len(lines):
+                raise ValueError(f"{path}, line {number}, is not JSON ({error}): fix or remove it to resume") from error
+            logger.warning("Ignoring the torn last line of %s (a run stopped while writing it): %r", path, line[:200])
+    path.write_text("".join(line + "\n" for entry, line in entries if entry["step"] <= step))
 
 
 def _flat_config(args: PretrainArguments) -> dict:
@@ -383,6 +414,6 @@ def _flat_config(args: PretrainArguments) -> dict:
     values = {}
     for group in (args.model, args.data, args.training):
         for name, value in asdict(group).items():
-            if isinstance(value, (int, float, str, bool)):
+            if isinstance(value, (int, float, str, bool)) and name not in SECRET_ARGUMENTS:
                 values[name] = value
     return values

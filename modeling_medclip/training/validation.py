@@ -63,10 +63,11 @@ class Validation:
 
 
 def preprocess(processor: MedCLIPProcessor, images: list, batch_size: int = 32) -> torch.Tensor:
-    """`(N, C, H, W)` pixel values of image paths / PIL images, through `processor`."""
+    """`(N, C, H, W)` pixel values of image paths / PIL images, decoded lazily (one batch of files at a time)."""
+    lazy = load_images(images, processor.image_processor)
     return torch.cat(
         [
-            processor(images=load_images(images[start : start + batch_size]), return_tensors="pt")["pixel_values"]
+            processor(images=lazy[start : start + batch_size], return_tensors="pt")["pixel_values"]
             for start in range(0, len(images), batch_size)
         ]
     )

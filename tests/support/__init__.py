@@ -1,0 +1,1 @@
+"""Helpers shared by the tests (bad input files, workers run in subprocesses)."""

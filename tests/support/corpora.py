@@ -86,3 +86,23 @@ def write_image_csv(root, count: int = 12):
                      "text": REPORTS[i % len(REPORTS)]})  # fmt: skip
     pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
     return root / "labels.csv"
+
+
+def push_covid_subset(covid_cxr_dir, folder, repo_id: str, rows: int, shard_size: int):
+    """Pushes the first `rows` covid-cxr images as parquet shards (`to_parquet`) to a Hub dataset repo `repo_id` (the
+    clients must point at a Hub server, e.g. the `hub_server` fixture's); returns the local subset folder."""
+    from huggingface_hub import HfApi
+
+    from dataset_scripts import build_covid_cxr
+    from dataset_scripts.to_parquet import write_parquet_shards
+
+    subset = folder / "covid-subset"
+    subset.mkdir()
+    pd.read_csv(covid_cxr_dir / "metadata.csv", keep_default_na=False).iloc[:rows].to_csv(
+        subset / "metadata.csv", index=False
+    )
+    (subset / "images").symlink_to(covid_cxr_dir / "images")
+    write_parquet_shards(build_covid_cxr(subset), folder / "parquet" / "data", shard_size=shard_size)
+    HfApi().create_repo(repo_id, repo_type="dataset")
+    HfApi().upload_folder(folder_path=folder / "parquet", repo_id=repo_id, repo_type="dataset")
+    return subset
