@@ -147,7 +147,21 @@ class DualEncoderModel(DualEncoderPreTrainedModel):
             nn.Parameter(torch.tensor(config.logit_bias_init_value)) if config.loss_type == "sigmoid" else None
         )
         self.post_init()
-        freeze_text_layers(self.text_model, config.num_frozen_text_layers)
+        self.freeze_configured_parameters()
+
+    def freeze_configured_parameters(self) -> None:
+        """Freezes what the config fixes: the text embeddings and first `num_frozen_text_layers` layers, and the logit
+        scale unless `learnable_logit_scale`."""
+        freeze_text_layers(self.text_model, self.config.num_frozen_text_layers)
+        self.logit_scale.requires_grad_(self.config.learnable_logit_scale)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, with the config's frozen parameters frozen again: transformers 5 loads
+        every floating-point parameter as trainable."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).freeze_configured_parameters()
+        return loaded
 
     @classmethod
     def from_vision_text_pretrained(

@@ -217,6 +217,15 @@ def test_save_and_load_roundtrip_with_auto_classes(tmp_path):
         )
 
 
+def test_loaded_models_keep_the_configured_frozen_parameters(tmp_path):
+    model = ConVIRTModel(tiny_config("convirt"))
+    frozen = {name for name, parameter in model.named_parameters() if not parameter.requires_grad}
+    assert "logit_scale" in frozen and any(name.startswith("text_model.embeddings") for name in frozen)
+    model.save_pretrained(tmp_path)
+    for loaded in (ConVIRTModel.from_pretrained(tmp_path), AutoModel.from_pretrained(tmp_path)):
+        assert {name for name, parameter in loaded.named_parameters() if not parameter.requires_grad} == frozen
+
+
 def test_configs_accept_dicts_and_auto_config_for_model():
     config = AutoConfig.for_model(
         "medclip",

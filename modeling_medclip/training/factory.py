@@ -14,7 +14,6 @@ from ..configuration_medclip import ConVIRTConfig, MedCLIPConfig
 from ..image_processing_medclip import MedCLIPImageProcessor
 from ..modeling_medclip import ConVIRTModel, DualEncoderModel, MedCLIPModel
 from ..processing_medclip import MedCLIPProcessor
-from ..towers import freeze_text_layers
 from .arguments import ModelArguments
 
 MODEL_CLASSES = {"convirt": (ConVIRTConfig, ConVIRTModel), "medclip": (MedCLIPConfig, MedCLIPModel)}
@@ -53,14 +52,6 @@ def named_tower_config(name: str, image_size: int):
     raise ValueError(f"unknown tower config {name!r}: expected one of {sorted(named)} or a config file / folder")
 
 
-def restore_frozen(model: DualEncoderModel) -> DualEncoderModel:
-    """Freezes again what the config freezes (text layers, a fixed logit scale): `from_pretrained` loads every
-    parameter trainable, so a resumed run would otherwise optimise more parameters than its checkpoint's optimizer."""
-    freeze_text_layers(model.text_model, model.config.num_frozen_text_layers)
-    model.logit_scale.requires_grad_(model.config.learnable_logit_scale)
-    return model
-
-
 def build_model(model_args: ModelArguments, adapter: str | os.PathLike | None = None) -> DualEncoderModel | PeftModel:
     """[`build_base_model`], wrapped with trainable adapters when `model_args.peft` is set: new ones
     ([`apply_adapters`]), or those saved in `adapter` (a checkpoint to resume from)."""
@@ -80,7 +71,7 @@ def build_base_model(model_args: ModelArguments) -> DualEncoderModel:
     config_class, model_class = MODEL_CLASSES[model_args.model_type]
     overrides = {name: getattr(model_args, name) for name in CONFIG_OVERRIDES if getattr(model_args, name) is not None}
     if model_args.model_name_or_path:
-        return restore_frozen(model_class.from_pretrained(model_args.model_name_or_path, **overrides))
+        return model_class.from_pretrained(model_args.model_name_or_path, **overrides)
     vision, text = model_args.vision_model_name_or_path, model_args.text_model_name_or_path
     if vision and text:
         return model_class.from_vision_text_pretrained(vision, text, **overrides)
