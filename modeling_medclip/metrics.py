@@ -9,12 +9,19 @@ relevance protocols build that matrix:
   report, so a query may have several relevant items).
 
 [`zero_shot_metrics`] scores class probabilities against labels (accuracy and macro ROC AUC, via scikit-learn).
+
+[`bootstrap_ci`] puts a percentile bootstrap confidence interval on any of them, resampling whole groups (e.g.
+patients) when the samples are not independent.
 """
 
-from collections.abc import Hashable, Iterable, Sequence
+import math
+import warnings
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import roc_auc_score
 
 
@@ -177,7 +184,135 @@ def zero_shot_metrics(probs, labels, class_names: Sequence[str] | None = None) -
     }
 
 
+@dataclass(frozen=True)
+class ConfidenceInterval:
+    """A metric's value on the full data and its percentile bootstrap interval.
+
+    Attributes:
+        value: the metric on the full (not resampled) data.
+        low, high: the `(1 - confidence) / 2` and `(1 + confidence) / 2` quantiles of the resampled metric.
+        confidence: the interval's nominal coverage, e.g. `0.95`.
+        n_resamples: resamples on which the metric was defined (those the interval is computed from).
+        n_skipped: resamples skipped because the metric was undefined on them (e.g. one class only for ROC AUC).
+    """
+
+    value: float
+    low: float
+    high: float
+    confidence: float = 0.95
+    n_resamples: int = 0
+    n_skipped: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return f"{self.value:.3f} [{self.low:.3f}, {self.high:.3f}]"
+
+
+def _group_members(groups, num_samples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sample indices sorted by group, and each group's start offset and size in that order."""
+    groups = _as_numpy(groups)
+    if groups.shape[:1] != (num_samples,):
+        raise ValueError(f"`groups` must have one id per sample ({num_samples},), got shape {groups.shape}")
+    _, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    order = np.argsort(inverse.reshape(-1), kind="stable")
+    starts = np.cumsum(counts) - counts
+    return order, starts, counts
+
+
+def _resample_indices(rng: np.random.Generator, order, starts, counts) -> np.ndarray:
+    """Indices of one bootstrap resample: as many groups as there are, drawn with replacement, each whole."""
+    chosen = rng.integers(0, len(counts), size=len(counts))
+    lengths = counts[chosen]
+    offsets_within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return order[np.repeat(starts[chosen], lengths) + offsets_within]
+
+
+def _defined_value(metric: Callable[..., float], arrays: Sequence[np.ndarray]) -> float | None:
+    """`metric(*arrays)` as a float, or `None` where it is undefined (raises `ValueError` or returns nan)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        try:
+            value = float(metric(*arrays))
+        except ValueError:
+            return None
+    return None if math.isnan(value) else value
+
+
+def bootstrap_ci(
+    metric: Callable[..., float],
+    *arrays,
+    groups=None,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> ConfidenceInterval:
+    """Percentile bootstrap confidence interval of `metric(*arrays)`.
+
+    Every resample draws samples (or, with `groups`, whole groups such as patients, so that all images of a
+    patient stay together) with replacement, as many as there are, and indexes every array along its first axis
+    the same way. Resamples on which the metric is undefined (it raises `ValueError` or returns nan, as ROC AUC
+    does when a resample holds one class only) are skipped and counted in `n_skipped`.
+
+    Args:
+        metric: `metric(*resampled_arrays) -> float`, e.g. `lambda y, p: roc_auc_score(y, p)`.
+        *arrays: arrays (numpy, torch or sequences) with the same first dimension `N`, e.g. labels and scores.
+        groups: optional `(N,)` group id per sample (patient ids); resampling then draws whole groups.
+        n_resamples: number of bootstrap resamples drawn.
+        confidence: nominal coverage of the interval, in `(0, 1)`.
+        seed: seed of the resampling, so that an interval repeats exactly.
+
+    Returns:
+        [`ConfidenceInterval`] with the metric on the full data and the interval's bounds.
+
+    Raises:
+        ValueError: no arrays, arrays of different lengths, a bad `confidence` / `n_resamples`, a metric undefined
+            on the full data, or fewer than half of the resamples on which the metric is defined (the interval
+            would then describe a biased minority of them).
+    """
+    if not arrays:
+        raise ValueError("`bootstrap_ci` needs at least one array to resample")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"`confidence` must lie in (0, 1), got {confidence}")
+    if n_resamples < 1:
+        raise ValueError(f"`n_resamples` must be at least 1, got {n_resamples}")
+    arrays = [_as_numpy(array) for array in arrays]
+    num_samples = len(arrays[0])
+    if num_samples == 0 or any(len(array) != num_samples for array in arrays):
+        raise ValueError(f"`arrays` must be non-empty with one common length, got lengths {[len(a) for a in arrays]}")
+    value = _defined_value(metric, arrays)
+    if value is None:
+        raise ValueError("the metric is undefined on the full data (it raised ValueError or returned nan)")
+    if groups is None:
+        order, starts, counts = np.arange(num_samples), np.arange(num_samples), np.ones(num_samples, dtype=np.int64)
+    else:
+        order, starts, counts = _group_members(groups, num_samples)
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_resamples):
+        indices = _resample_indices(rng, order, starts, counts)
+        resampled = _defined_value(metric, [array[indices] for array in arrays])
+        if resampled is not None:
+            values.append(resampled)
+    skipped = n_resamples - len(values)
+    if len(values) < n_resamples / 2:
+        raise ValueError(
+            f"the metric is undefined on {skipped} of {n_resamples} bootstrap resamples (e.g. a class with too few "
+            f"{'groups' if groups is not None else 'samples'}): too few remain for a confidence interval"
+        )
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(values, [tail, 1.0 - tail])
+    return ConfidenceInterval(
+        value=value, low=float(low), high=float(high), confidence=confidence, n_resamples=len(values),
+        n_skipped=skipped,
+    )
+
+
 __all__ = [
+    "ConfidenceInterval",
+    "bootstrap_ci",
     "label_relevance",
     "mean_reciprocal_rank",
     "pair_relevance",

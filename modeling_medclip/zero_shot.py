@@ -12,6 +12,9 @@ Prompt ensembles (several prompts per class, see [`modeling_medclip.prompts`]):
   <image, mean of the normalised prompt embeddings>` without renormalising, which is how it is computed (and
   exported).
 
+Learned prompts: in place of prompts, a [`PromptContext`] (CoOp context vectors trained by
+[`modeling_medclip.prompt_learning.train_prompt_context`]) gives one embedding per class, multi-class only.
+
 Modes: `"multiclass"` takes a softmax over the classes; `"multilabel"` decides every class on its own from a
 positive and a negative prompt set, `p(class) = softmax(logit_positive, logit_negative)[0]`.
 
@@ -34,6 +37,7 @@ from .modeling_medclip import (
     DualEncoderModel,
     MedCLIPForImageClassification,
 )
+from .prompt_learning import PromptContext
 from .retrieval import embed_images, embed_texts
 
 
@@ -108,9 +112,10 @@ class ZeroShotClassifier:
     Args:
         model ([`ConVIRTModel`] or [`MedCLIPModel`]): the dual encoder, used in eval mode on its own device.
         processor ([`MedCLIPProcessor`]): its image processor and tokenizer.
-        class_prompts (`dict`): `{class_name: [prompt, ...]}` (multi-class) or
+        class_prompts (`dict` or [`PromptContext`]): `{class_name: [prompt, ...]}` (multi-class) or
             `{class_name: {"positive": [...], "negative": [...]}}` (multi-label), e.g. from
-            [`generate_prompts`] / [`multilabel_prompts`].
+            [`generate_prompts`] / [`multilabel_prompts`]; or a learned prompt context (multi-class; `ensemble` and
+            `tokenizer_kwargs` do not apply to it).
         ensemble (`str`, defaults to `"mean_embedding"`): `"mean_embedding"` or `"mean_logits"` (see the module).
         mode (`str`, defaults to `"multiclass"`): `"multiclass"` or `"multilabel"`.
         batch_size (`int`, defaults to 64): prompts per text-tower call and images per vision-tower call.
@@ -132,7 +137,7 @@ class ZeroShotClassifier:
         self,
         model: DualEncoderModel,
         processor,
-        class_prompts: dict,
+        class_prompts: dict | PromptContext,
         *,
         ensemble: Literal["mean_embedding", "mean_logits"] = "mean_embedding",
         mode: Literal["multiclass", "multilabel"] = "multiclass",
@@ -145,19 +150,28 @@ class ZeroShotClassifier:
             raise ValueError(f"unknown mode {mode!r}; expected 'multiclass' or 'multilabel'")
         if batch_size < 1:
             raise ValueError(f"`batch_size` must be positive, got {batch_size}")
-        _validate_prompts(class_prompts, mode)
+        if isinstance(class_prompts, PromptContext):
+            if mode != "multiclass":
+                raise ValueError("a learned prompt context classifies multi-class only: use mode='multiclass'")
+        else:
+            _validate_prompts(class_prompts, mode)
         self.model = model.eval()
         self.processor = processor
         self.ensemble = ensemble
         self.mode = mode
         self.batch_size = batch_size
         self.tokenizer_kwargs = tokenizer_kwargs
-        self.class_names = list(class_prompts)
+        self.class_names = list(
+            class_prompts.class_names if isinstance(class_prompts, PromptContext) else class_prompts
+        )
         self.class_prompts = class_prompts
 
         with torch.no_grad():
             self.logit_scale = model.get_logit_scale().detach()
-            if mode == "multiclass":
+            if isinstance(class_prompts, PromptContext):
+                self.class_embeddings = class_prompts.class_embeddings(model, processor.tokenizer)
+                self.negative_class_embeddings = None
+            elif mode == "multiclass":
                 self.class_embeddings = self._encode_classes([class_prompts[c] for c in self.class_names])
                 self.negative_class_embeddings = None
             else:

@@ -73,6 +73,18 @@ class ModelArguments:
     )
     image_size: int = field(default=224, metadata={"help": "Side of the square training and evaluation images."})
     max_length: int = field(default=77, metadata={"help": "Texts are truncated to this many tokens."})
+    peft: Literal["lora", "dora", "ia3"] | None = field(
+        default=None,
+        metadata={"help": "Train adapters through peft instead of the whole model (continued pretraining of "
+                  "--model_name_or_path on a new corpus): checkpoints and final/ hold only the adapter."},
+    )
+    peft_rank: int = field(default=8, metadata={"help": "LoRA / DoRA rank of --peft."})
+    peft_towers: list[str] = field(
+        default_factory=lambda: ["vision", "text"], metadata={"help": "The towers --peft adapts: vision, text or both."}
+    )
+    peft_train_heads: bool = field(
+        default=False, metadata={"help": "With --peft, also train (and save with the adapter) the projection heads."}
+    )
 
 
 @dataclass

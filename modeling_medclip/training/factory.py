@@ -1,12 +1,15 @@
 """The dual encoder and its processor, from [`ModelArguments`]: a saved model, pretrained towers, or named configs."""
 
 import json
+import os
 from pathlib import Path
 
+from peft import PeftModel
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, ResNetConfig, SwinConfig, ViTConfig
 
 from dataset_scripts.paths import shared_data_dir
 
+from ..adapters import apply_adapters, keep_frozen_batch_norms_in_eval
 from ..configuration_medclip import ConVIRTConfig, MedCLIPConfig
 from ..image_processing_medclip import MedCLIPImageProcessor
 from ..modeling_medclip import ConVIRTModel, DualEncoderModel, MedCLIPModel
@@ -49,7 +52,21 @@ def named_tower_config(name: str, image_size: int):
     raise ValueError(f"unknown tower config {name!r}: expected one of {sorted(named)} or a config file / folder")
 
 
-def build_model(model_args: ModelArguments) -> DualEncoderModel:
+def build_model(model_args: ModelArguments, adapter: str | os.PathLike | None = None) -> DualEncoderModel | PeftModel:
+    """[`build_base_model`], wrapped with trainable adapters when `model_args.peft` is set: new ones
+    ([`apply_adapters`]), or those saved in `adapter` (a checkpoint to resume from)."""
+    model = build_base_model(model_args)
+    if not model_args.peft:
+        return model
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        keep_frozen_batch_norms_in_eval(model)
+        return model
+    return apply_adapters(model, method=model_args.peft, towers=model_args.peft_towers, r=model_args.peft_rank,
+                          train_heads=model_args.peft_train_heads)
+
+
+def build_base_model(model_args: ModelArguments) -> DualEncoderModel:
     """The dual encoder: loaded, assembled from pretrained towers, or randomly initialised. Call after `set_seed`."""
     config_class, model_class = MODEL_CLASSES[model_args.model_type]
     overrides = {name: getattr(model_args, name) for name in CONFIG_OVERRIDES if getattr(model_args, name) is not None}
@@ -94,7 +111,9 @@ def build_processor(model_args: ModelArguments, num_channels: int) -> MedCLIPPro
     return MedCLIPProcessor(image_processor, AutoTokenizer.from_pretrained(tokenizer_source))
 
 
-def build_model_and_processor(model_args: ModelArguments) -> tuple[DualEncoderModel, MedCLIPProcessor]:
+def build_model_and_processor(
+    model_args: ModelArguments, adapter: str | os.PathLike | None = None
+) -> tuple[DualEncoderModel | PeftModel, MedCLIPProcessor]:
     """[`build_model`] and [`build_processor`]."""
-    model = build_model(model_args)
+    model = build_model(model_args, adapter)
     return model, build_processor(model_args, model.config.vision_config.num_channels)

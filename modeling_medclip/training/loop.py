@@ -4,7 +4,8 @@
 a checkpoint (`resume_from_checkpoint`) with the same number of processes and DataLoader workers. Outputs in
 `output_dir`: `checkpoint-<step>/` (see [`modeling_medclip.checkpointing`]), `best/` (best model by
 `metric_for_best_model`), `final/` (model, processor and model card: loads with `AutoModel.from_pretrained` and
-`AutoProcessor.from_pretrained`), `metrics.jsonl` (one JSON object per logging or validation step),
+`AutoProcessor.from_pretrained`; with `--peft`, only the adapter, processor and an adapter card naming the base model:
+it loads with `PeftModel.from_pretrained(base, final)`), `metrics.jsonl` (one JSON object per logging or validation step),
 `eval_splits/<task>.json` (the held-out ids of every evaluation task) and `train_results.json`.
 """
 
@@ -26,6 +27,7 @@ from transformers.utils import logging as transformers_logging
 
 from dataset_scripts.sources import parse_sources
 
+from ..adapters import adapter_model_card
 from ..checkpointing import (
     check_checkpoint_settings,
     read_checkpoint,
@@ -170,9 +172,9 @@ def start_run(args: PretrainArguments, accelerator: Accelerator, output_dir: Pat
         check_checkpoint_settings(checkpoint, run_settings(args), training_args.ignore_settings_mismatch)
     parse_sources(args.data.image_dataset, args.data.image_dataset_weights)  # bad data flags fail before any download
     set_seed(training_args.seed)
-    if checkpoint is not None:
+    if checkpoint is not None and not model_args.peft:  # with --peft a checkpoint holds only the adapter
         model_args = type(model_args)(**{**asdict(model_args), "model_name_or_path": str(checkpoint)})
-    model, processor = build_model_and_processor(model_args)
+    model, processor = build_model_and_processor(model_args, checkpoint if model_args.peft else None)
     positions = getattr(model.config.text_config, "max_position_embeddings", None)
     if positions is not None and model_args.max_length > positions:
         too_long = f"--max_length {model_args.max_length} is beyond the text tower's {positions} positions"
@@ -372,6 +374,14 @@ def write_run_card(run: Run, result: TrainResult) -> None:
         f"seed {data_args.split_seed}; ids in `eval_splits/{task.task.name}.json`)."
         for task in run.validation.tasks
     )
+    if args.model.peft:  # final/ holds an adapter: its card names the base model
+        card = adapter_model_card(args.model.model_name_or_path or "a randomly initialised dual encoder", results,
+                                  task_type="zero-shot-image-classification",
+                                  model_name=args.training.hub_model_id or run.output_dir.name,
+                                  description=f"{args.model.peft} adapters on the {' and '.join(args.model.peft_towers)} "
+                                  f"tower(s). {summary}")  # fmt: skip
+        card.save(result.final_model_dir / "README.md")
+        return
     write_model_card(
         result.final_model_dir, run.trainer.unwrapped, results, repo_id=args.training.hub_model_id,
         model_name=None if args.training.hub_model_id else run.output_dir.name,

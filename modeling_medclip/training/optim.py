@@ -7,6 +7,7 @@ from ..modeling_medclip import DualEncoderModel
 from .arguments import OptimizationArguments
 
 HEAD_PREFIXES = ("visual_projection.", "text_projection.", "logit_scale", "logit_bias")
+PEFT_PREFIX = "base_model.model."  # where a PeftModel keeps the wrapped model
 
 
 def _no_decay(name: str, parameter: torch.nn.Parameter) -> bool:
@@ -16,11 +17,14 @@ def _no_decay(name: str, parameter: torch.nn.Parameter) -> bool:
 def parameter_groups(model: DualEncoderModel, args: OptimizationArguments) -> list[dict]:
     """AdamW groups: towers / heads (own learning rates) x decay / no decay (norms, biases, logit scale and bias).
 
-    Frozen parameters (`requires_grad=False`, e.g. ConVIRT's first text layers) are left out of the optimizer.
+    Frozen parameters (`requires_grad=False`, e.g. ConVIRT's first text layers, or the base of a `PeftModel`) are left
+    out of the optimizer. In a `PeftModel` names are read without its `base_model.model.` prefix, so heads trained
+    with the adapter (`modules_to_save`) get the head learning rate.
     """
     head_lr = args.head_learning_rate if args.head_learning_rate is not None else args.learning_rate
     groups: dict[tuple[bool, bool], list] = {}
     for name, parameter in model.named_parameters():
+        name = name.removeprefix(PEFT_PREFIX)
         if parameter.requires_grad:
             groups.setdefault((name.startswith(HEAD_PREFIXES), _no_decay(name, parameter)), []).append(parameter)
     return [
