@@ -12,17 +12,31 @@ relevance protocols build that matrix:
 
 [`bootstrap_ci`] puts a percentile bootstrap confidence interval on any of them, resampling whole groups (e.g.
 patients) when the samples are not independent.
+
+The same metrics ship as `evaluate` modules inside the package (`modeling_medclip/evaluate_metrics/<name>/`):
+`evaluate.load(evaluate_module_path(name))` loads them offline, for `name` in [`EVALUATE_MODULES`].
 """
 
 import math
 import warnings
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from sklearn.exceptions import UndefinedMetricWarning
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import f1_score, precision_recall_fscore_support, roc_auc_score
+
+EVALUATE_MODULES = ("classification", "retrieval", "labeler_agreement")
+_EVALUATE_MODULES_DIR = Path(__file__).resolve().parent / "evaluate_metrics"
+
+
+def evaluate_module_path(name: str) -> str:
+    """Path of the shipped `evaluate` module `name` (one of [`EVALUATE_MODULES`]), for `evaluate.load`."""
+    if name not in EVALUATE_MODULES:
+        raise ValueError(f"unknown evaluate module {name!r}; the package ships {list(EVALUATE_MODULES)}")
+    return str(_EVALUATE_MODULES_DIR / name / f"{name}.py")
 
 
 def _as_numpy(array) -> np.ndarray:
@@ -137,51 +151,172 @@ def retrieval_metrics(indices, relevant, ks: Iterable[int] = (1, 5, 10)) -> dict
     return results
 
 
-def zero_shot_metrics(probs, labels, class_names: Sequence[str] | None = None) -> dict:
-    """Accuracy and macro ROC AUC of class probabilities.
-
-    Args:
-        probs: `(N, C)` probabilities (or any scores).
-        labels: `(N,)` integer class ids (multi-class) or `(N, C)` 0/1 matrix (multi-label).
-        class_names: names of the `C` classes for `per_class_auc` (default `"0"`, `"1"`, ...).
-
-    Returns:
-        `accuracy`: multi-class: fraction of argmax predictions equal to the label; multi-label: fraction of
-        correct `probs >= 0.5` decisions over all entries. `macro_auc`: mean one-vs-rest ROC AUC over the classes
-        that have both positives and negatives (`nan` when none has). `per_class_auc`: `{class: auc or nan}`.
-    """
-    probs, labels = _as_numpy(probs).astype(np.float64), _as_numpy(labels)
-    if probs.ndim != 2:
-        raise ValueError(f"`probs` must have shape (N, C), got {probs.shape}")
-    num_samples, num_classes = probs.shape
+def _classification_targets(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """`(N, C)` boolean targets of class ids `(N,)` or of a 0/1 label matrix `(N, C)`, checked against `scores`."""
+    if scores.ndim != 2:
+        raise ValueError(f"`scores` must have shape (N, C), got {scores.shape}")
+    num_samples, num_classes = scores.shape
     if labels.ndim == 1:
         if labels.shape[0] != num_samples:
             raise ValueError(f"`labels` must have shape ({num_samples},), got {labels.shape}")
         if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError(f"`labels` must be class ids in [0, {num_classes}), got range "
-                             f"[{labels.min()}, {labels.max()}]")
-        accuracy = float((probs.argmax(axis=1) == labels).mean())
-        targets = labels[:, None] == np.arange(num_classes)[None, :]
-    elif labels.shape == probs.shape:
-        targets = labels > 0.5
-        accuracy = float(((probs >= 0.5) == targets).mean())
-    else:
-        raise ValueError(f"`labels` must have shape ({num_samples},) or {probs.shape}, got {labels.shape}")
-    names = [str(i) for i in range(num_classes)] if class_names is None else list(class_names)
-    if len(names) != num_classes:
-        raise ValueError(f"`class_names` has {len(names)} names for {num_classes} classes")
+            raise ValueError(
+                f"`labels` must be class ids in [0, {num_classes}), got range [{labels.min()}, {labels.max()}]"
+            )
+        return labels[:, None] == np.arange(num_classes)[None, :]
+    if labels.shape == scores.shape:
+        return labels > 0.5
+    raise ValueError(f"`labels` must have shape ({num_samples},) or {scores.shape}, got {labels.shape}")
+
+
+def _decisions(scores: np.ndarray, labels: np.ndarray, threshold: float) -> np.ndarray:
+    """Multi-class: one-hot argmax; multi-label: `scores >= threshold`, as an `(N, C)` boolean matrix."""
+    if labels.ndim == 1:
+        return scores.argmax(axis=1)[:, None] == np.arange(scores.shape[1])[None, :]
+    return scores >= threshold
+
+
+def macro_auc(scores, labels, columns: Sequence[int] | None = None) -> float:
+    """Mean one-vs-rest ROC AUC over `columns` (default: every class), `nan` where one of them lacks positives or
+    negatives (so that a bootstrap resample missing a class is skipped rather than averaged over fewer classes)."""
+    scores, labels = _as_numpy(scores).astype(np.float64), _as_numpy(labels)
+    targets = _classification_targets(scores, labels)
+    columns = range(scores.shape[1]) if columns is None else columns
+    aucs = []
+    for column in columns:
+        positives = targets[:, column]
+        if not 0 < positives.sum() < len(positives):
+            return float("nan")
+        aucs.append(roc_auc_score(positives, scores[:, column]))
+    return float(np.mean(aucs))
+
+
+def accuracy(scores, labels, threshold: float = 0.5) -> float:
+    """Multi-class: fraction of argmax predictions equal to the label; multi-label: fraction of correct
+    `scores >= threshold` decisions over all `N x C` entries."""
+    scores, labels = _as_numpy(scores).astype(np.float64), _as_numpy(labels)
+    targets = _classification_targets(scores, labels)
+    decisions = _decisions(scores, labels, threshold)
+    if labels.ndim == 1:
+        return float((decisions == targets).all(axis=1).mean())
+    return float((decisions == targets).mean())
+
+
+def macro_f1(scores, labels, threshold: float = 0.5) -> float:
+    """Unweighted mean over the classes of the F1 of the decisions (argmax, or `scores >= threshold` when
+    multi-label); a class never predicted nor present counts as F1 0 (scikit-learn's `zero_division=0`)."""
+    scores, labels = _as_numpy(scores).astype(np.float64), _as_numpy(labels)
+    targets = _classification_targets(scores, labels)
+    decisions = _decisions(scores, labels, threshold)
+    return float(f1_score(targets, decisions, average="macro", zero_division=0))
+
+
+def classification_metrics(
+    scores, labels, class_names: Sequence[str] | None = None, threshold: float = 0.5
+) -> dict:
+    """Accuracy, macro-F1 and per-class / macro ROC AUC of class scores (zero-shot, linear probe, fine-tune).
+
+    Args:
+        scores: `(N, C)` class probabilities (or any scores; `threshold` applies to multi-label scores only).
+        labels: `(N,)` integer class ids (multi-class) or `(N, C)` 0/1 matrix (multi-label).
+        class_names: names of the `C` classes for `per_class_auc` (default `"0"`, `"1"`, ...).
+        threshold: multi-label decision threshold for accuracy and F1.
+
+    Returns:
+        `accuracy` and `macro_f1` (see [`accuracy`], [`macro_f1`]); `per_class_auc`: `{class: one-vs-rest AUC}`,
+        `nan` for a class without positives or without negatives; `macro_auc`: the mean over the classes whose AUC is
+        defined (`nan` when none is).
+    """
+    scores, labels = _as_numpy(scores).astype(np.float64), _as_numpy(labels)
+    targets = _classification_targets(scores, labels)
+    names = [str(i) for i in range(scores.shape[1])] if class_names is None else list(class_names)
+    if len(names) != scores.shape[1]:
+        raise ValueError(f"`class_names` has {len(names)} names for {scores.shape[1]} classes")
     per_class = {}
     for column, name in enumerate(names):
         positives = targets[:, column]
-        per_class[name] = (
-            float(roc_auc_score(positives, probs[:, column])) if 0 < positives.sum() < num_samples else float("nan")
-        )
+        defined = 0 < positives.sum() < len(positives)
+        per_class[name] = float(roc_auc_score(positives, scores[:, column])) if defined else float("nan")
     valid = [auc for auc in per_class.values() if not np.isnan(auc)]
     return {
-        "accuracy": accuracy,
+        "accuracy": accuracy(scores, labels, threshold),
+        "macro_f1": macro_f1(scores, labels, threshold),
         "macro_auc": float(np.mean(valid)) if valid else float("nan"),
         "per_class_auc": per_class,
     }
+
+
+def zero_shot_metrics(probs, labels, class_names: Sequence[str] | None = None) -> dict:
+    """[`classification_metrics`] of zero-shot class probabilities (multi-label threshold 0.5)."""
+    return classification_metrics(probs, labels, class_names)
+
+
+# The CheXpert labeler's CSV convention: 1.0 positive, 0.0 negative, -1.0 uncertain, blank (nan) not mentioned.
+CHEXPERT_LABEL_VALUES = {"positive": 1.0, "negative": 0.0, "uncertain": -1.0}
+
+
+def _label_matrix(values, name: str) -> np.ndarray:
+    matrix = np.array(_as_numpy(values), dtype=np.float64)  # None (a blank cell) becomes nan
+    if matrix.ndim != 2:
+        raise ValueError(f"`{name}` must be an (N, C) matrix of CheXpert labels, got shape {matrix.shape}")
+    unknown = ~np.isnan(matrix) & ~np.isin(matrix, list(CHEXPERT_LABEL_VALUES.values()))
+    if unknown.any():
+        raise ValueError(
+            f"`{name}` holds values other than 1.0 / 0.0 / -1.0 / blank, e.g. {matrix[unknown][0]!r}"
+        )
+    return matrix
+
+
+def _precision_recall_f1(reference: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        reference.reshape(-1), predicted.reshape(-1), average="binary", zero_division=np.nan
+    )
+    return {"precision": float(precision), "recall": float(recall), "f1": float(f1), "support": int(reference.sum())}
+
+
+def labeler_agreement(
+    predicted, reference, class_names: Sequence[str] | None = None, micro_classes: Sequence[str] | None = None
+) -> dict:
+    """Agreement of a labeler's report labels with reference labels, both in the CheXpert CSV convention.
+
+    For each value v (positive 1.0, negative 0.0, uncertain -1.0) a cell is a true positive when both the labeler
+    and the reference say v, a false positive when only the labeler does and a false negative when only the
+    reference does (a blank, not mentioned, is never v).
+
+    Args:
+        predicted: `(N, C)` labeler output; blank cells as `nan` or `None`.
+        reference: `(N, C)` reference labels, same layout.
+        class_names: the `C` column names (default `"0"`, `"1"`, ...).
+        micro_classes: the columns pooled by the micro average (default all; the CheXpert convention leaves
+            `No Finding` out).
+
+    Returns:
+        `{"per_class": {class: {value: {precision, recall, f1, support}}}, "micro": {value: {...}}}`; `support` is
+        the number of reference cells equal to v; precision is `nan` where the labeler never says v, recall where the
+        reference never does, F1 where neither does.
+    """
+    predicted, reference = _label_matrix(predicted, "predicted"), _label_matrix(reference, "reference")
+    if predicted.shape != reference.shape:
+        raise ValueError(f"`predicted` {predicted.shape} and `reference` {reference.shape} differ in shape")
+    names = [str(i) for i in range(reference.shape[1])] if class_names is None else list(class_names)
+    if len(names) != reference.shape[1]:
+        raise ValueError(f"`class_names` has {len(names)} names for {reference.shape[1]} columns")
+    pooled = names if micro_classes is None else list(micro_classes)
+    missing = sorted(set(pooled) - set(names))
+    if missing:
+        raise ValueError(f"`micro_classes` names columns that do not exist: {missing}")
+    pooled_columns = [names.index(name) for name in pooled]
+    results = {"per_class": {name: {} for name in names}, "micro": {}}
+    for value_name, value in CHEXPERT_LABEL_VALUES.items():
+        said_by_reference, said_by_labeler = reference == value, predicted == value
+        for column, name in enumerate(names):
+            results["per_class"][name][value_name] = _precision_recall_f1(
+                said_by_reference[:, column], said_by_labeler[:, column]
+            )
+        results["micro"][value_name] = _precision_recall_f1(
+            said_by_reference[:, pooled_columns], said_by_labeler[:, pooled_columns]
+        )
+    return results
 
 
 @dataclass(frozen=True)
@@ -312,8 +447,15 @@ def bootstrap_ci(
 
 __all__ = [
     "ConfidenceInterval",
+    "accuracy",
     "bootstrap_ci",
+    "classification_metrics",
+    "evaluate_module_path",
+    "CHEXPERT_LABEL_VALUES",
     "label_relevance",
+    "labeler_agreement",
+    "macro_auc",
+    "macro_f1",
     "mean_reciprocal_rank",
     "pair_relevance",
     "precision_at_k",
