@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import f1_score, roc_auc_score
 
 from modeling_medclip.metrics import (
     EVALUATE_MODULES,
@@ -27,6 +27,7 @@ from modeling_medclip.metrics import (
     macro_auc,
     macro_f1,
     retrieval_metrics,
+    roc_auc_columns,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -181,6 +182,22 @@ def test_multilabel_classification_metrics_by_hand():
     assert result["per_class_auc"] == pytest.approx({"0": 1.0, "1": 2 / 3})
     assert accuracy(MULTILABEL_SCORES, MULTILABEL_LABELS, threshold=0.95) == pytest.approx(5 / 8)
     assert macro_f1(MULTILABEL_SCORES, MULTILABEL_LABELS, threshold=0.65) == pytest.approx((1 + 0) / 2)
+
+
+@pytest.mark.parametrize("multilabel", [False, True])
+def test_fast_bootstrap_metrics_equal_scikit_learn(multilabel):
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 5, size=(200, 4)) / 4  # coarse scores: many ties
+    labels = rng.integers(0, 2, size=(200, 4)) if multilabel else rng.integers(0, 4, size=200)
+    targets = labels if multilabel else np.eye(4, dtype=int)[labels]
+    decisions = scores >= 0.5 if multilabel else np.eye(4, dtype=int)[scores.argmax(axis=1)]
+    expected_aucs = [roc_auc_score(targets[:, c], scores[:, c]) for c in range(4)]
+    assert roc_auc_columns(scores, labels) == pytest.approx(expected_aucs)
+    assert macro_auc(scores, labels) == pytest.approx(np.mean(expected_aucs))
+    assert macro_f1(scores, labels) == pytest.approx(f1_score(targets, decisions, average="macro", zero_division=0))
+    reference = classification_metrics(scores, labels)
+    assert accuracy(scores, labels) == pytest.approx(reference["accuracy"])
+    assert macro_f1(scores, labels) == pytest.approx(reference["macro_f1"])
 
 
 @pytest.mark.parametrize(
