@@ -35,15 +35,7 @@ from sklearn.multiclass import OneVsRestClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from .metrics import (
-    ConfidenceInterval,
-    accuracy,
-    auc_classes,
-    bootstrap_ci,
-    classification_metrics,
-    macro_auc,
-    macro_f1,
-)
+from .metrics import ConfidenceInterval, accuracy, classification_intervals, classification_metrics
 from .towers import match_channels, pool_vision_output
 
 LABEL_FRACTIONS = (0.01, 0.1, 1.0)
@@ -114,7 +106,8 @@ class ProbeRun:
 
 @dataclass
 class FractionResult:
-    """The test metrics of one label fraction: mean over its seeds with a patient-level bootstrap CI."""
+    """The test metrics of one label fraction: mean over its seeds with a patient-level bootstrap CI (the keys of
+    [`classification_intervals`]: `macro_auc`, `accuracy`, `macro_f1`, `auc/<class>`), and the spread over seeds."""
 
     fraction: float
     metrics: dict[str, ConfidenceInterval]
@@ -236,29 +229,15 @@ def fit_probe(
     return best
 
 
-def _mean_over_seeds(metric, labels, stacked_scores) -> float:
-    """`metric` averaged over seeds; `stacked_scores` is `(N, S, C)` so that a bootstrap resamples images."""
-    return float(np.mean([metric(stacked_scores[:, s], labels) for s in range(stacked_scores.shape[1])]))
-
-
 def _summarise(
-    fraction: float, runs: list[ProbeRun], seed_scores: list[np.ndarray], test: ProbeData, n_resamples: int,
-    ci_seed: int,
+    fraction: float, runs: list[ProbeRun], seed_scores: list[np.ndarray], test: ProbeData,
+    class_names: Sequence[str] | None, n_resamples: int, ci_seed: int,
 ) -> FractionResult:
-    stacked = np.stack(seed_scores, axis=1)
-    defined = auc_classes(seed_scores[0], test.labels)  # the classes whose AUC the macro AUC averages
-    functions = {
-        "macro_auc": lambda scores, labels: macro_auc(scores, labels, columns=defined),
-        "accuracy": accuracy,
-        "macro_f1": macro_f1,
-    }
-    metrics, seed_std = {}, {}
-    for name, function in functions.items():
-        metrics[name] = bootstrap_ci(
-            lambda labels, scores, f=function: _mean_over_seeds(f, labels, scores),
-            test.labels, stacked, groups=test.groups, n_resamples=n_resamples, seed=ci_seed,
-        )
-        seed_std[name] = float(np.std([run.test_metrics[name] for run in runs]))
+    metrics = classification_intervals(
+        np.stack(seed_scores, axis=1), test.labels, class_names, groups=test.groups, n_resamples=n_resamples,
+        seed=ci_seed,
+    )
+    seed_std = {name: float(np.std([run.test_metrics[name] for run in runs])) for name in HEADLINE_METRICS}
     return FractionResult(fraction, metrics, seed_std, runs, seed_scores[0])
 
 
@@ -320,7 +299,7 @@ def run_linear_probe(
             metrics = classification_metrics(scores, test.labels, class_names)
             runs.append(ProbeRun(fraction, seed, C, len(subset.features), validation_score, metrics, subset.image_ids()))
             seed_scores.append(scores)
-        results.append(_summarise(fraction, runs, seed_scores, test, n_resamples, ci_seed))
+        results.append(_summarise(fraction, runs, seed_scores, test, class_names, n_resamples, ci_seed))
     split_ids = {"fit": fit_part.image_ids(), "validation": validation.image_ids(), "test": test.image_ids()}
     return LinearProbeResult(results, split_ids)
 

@@ -109,11 +109,26 @@ def _check_k(k: int, indices) -> None:
         raise ValueError(f"`k` must be in [1, {_as_numpy(indices).shape[1]}] (the ranking's length), got {k}")
 
 
+def _precision_of_hits(hits: np.ndarray, k: int) -> float:
+    return float(hits[:, :k].sum(axis=1).mean() / k)
+
+
+def _recall_of_hits(hits: np.ndarray, num_relevant: np.ndarray, k: int) -> float:
+    has_relevant = num_relevant > 0
+    if not has_relevant.any():
+        raise ValueError("no query has a relevant gallery item: recall is undefined")
+    return float((hits[has_relevant, :k].sum(axis=1) / num_relevant[has_relevant]).mean())
+
+
+def _reciprocal_rank_of_hits(hits: np.ndarray) -> float:
+    reciprocal = np.where(hits.any(axis=1), 1.0 / (hits.argmax(axis=1) + 1), 0.0)
+    return float(reciprocal.mean())
+
+
 def precision_at_k(indices, relevant, k: int) -> float:
     """Mean over queries of (relevant items among the top `k`) / `k`."""
     _check_k(k, indices)
-    hits, _ = _hits(indices, relevant)
-    return float(hits[:, :k].sum(axis=1).mean() / k)
+    return _precision_of_hits(_hits(indices, relevant)[0], k)
 
 
 def recall_at_k(indices, relevant, k: int) -> float:
@@ -122,11 +137,7 @@ def recall_at_k(indices, relevant, k: int) -> float:
     For exact-pair retrieval with one relevant item per query this is the usual `R@k` (hit rate).
     """
     _check_k(k, indices)
-    hits, num_relevant = _hits(indices, relevant)
-    has_relevant = num_relevant > 0
-    if not has_relevant.any():
-        raise ValueError("no query has a relevant gallery item: recall is undefined")
-    return float((hits[has_relevant, :k].sum(axis=1) / num_relevant[has_relevant]).mean())
+    return _recall_of_hits(*_hits(indices, relevant), k)
 
 
 def mean_reciprocal_rank(indices, relevant) -> float:
@@ -134,22 +145,38 @@ def mean_reciprocal_rank(indices, relevant) -> float:
 
     With a full ranking (`k = N`) this is the MRR; with a truncated ranking it is MRR@k.
     """
-    hits, _ = _hits(indices, relevant)
-    first = hits.argmax(axis=1)
-    reciprocal = np.where(hits.any(axis=1), 1.0 / (first + 1), 0.0)
-    return float(reciprocal.mean())
+    return _reciprocal_rank_of_hits(_hits(indices, relevant)[0])
+
+
+def _retrieval_functions(length: int, ks: Iterable[int]) -> dict:
+    """`{name: metric(hits, num_relevant)}` for every `k` in `ks` no longer than the ranking, and the MRR."""
+    functions = {}
+    for k in ks:
+        if k <= length:
+            functions[f"precision@{k}"] = lambda hits, num_relevant, k=k: _precision_of_hits(hits, k)
+            functions[f"recall@{k}"] = lambda hits, num_relevant, k=k: _recall_of_hits(hits, num_relevant, k)
+    functions["mrr"] = lambda hits, num_relevant: _reciprocal_rank_of_hits(hits)
+    return functions
 
 
 def retrieval_metrics(indices, relevant, ks: Iterable[int] = (1, 5, 10)) -> dict[str, float]:
     """`{"precision@k": ..., "recall@k": ..., "mrr": ...}` for every `k` in `ks` no longer than the ranking."""
-    length = _as_numpy(indices).shape[1]
-    results = {}
-    for k in ks:
-        if k <= length:
-            results[f"precision@{k}"] = precision_at_k(indices, relevant, k)
-            results[f"recall@{k}"] = recall_at_k(indices, relevant, k)
-    results["mrr"] = mean_reciprocal_rank(indices, relevant)
-    return results
+    hits, num_relevant = _hits(indices, relevant)
+    return {name: f(hits, num_relevant) for name, f in _retrieval_functions(hits.shape[1], ks).items()}
+
+
+def retrieval_intervals(
+    indices, relevant, ks: Iterable[int] = (1, 5, 10, 50), groups=None, n_resamples: int = 1000, seed: int = 0,
+    confidence: float = 0.95,
+) -> dict[str, "ConfidenceInterval"]:
+    """[`retrieval_metrics`] with bootstrap confidence intervals, resampling the queries (whole `groups`, e.g. the
+    patients of query images, when given) over a fixed gallery."""
+    hits, num_relevant = _hits(indices, relevant)
+    return {
+        name: bootstrap_ci(function, hits, num_relevant, groups=groups, n_resamples=n_resamples,
+                           confidence=confidence, seed=seed)
+        for name, function in _retrieval_functions(hits.shape[1], ks).items()
+    }  # fmt: skip
 
 
 def _classification_targets(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -275,6 +302,53 @@ def classification_metrics(
 def zero_shot_metrics(probs, labels, class_names: Sequence[str] | None = None) -> dict:
     """[`classification_metrics`] of zero-shot class probabilities (multi-label threshold 0.5)."""
     return classification_metrics(probs, labels, class_names)
+
+
+def _mean_over_runs(metric, scores: np.ndarray, labels: np.ndarray) -> float:
+    """`metric(scores, labels)` of `(N, C)` scores, or its mean over the runs of `(N, R, C)` scores (e.g. seeds)."""
+    if scores.ndim == 2:
+        return metric(scores, labels)
+    return float(np.mean([metric(scores[:, run], labels) for run in range(scores.shape[1])]))
+
+
+def classification_intervals(
+    scores, labels, class_names: Sequence[str] | None = None, groups=None, n_resamples: int = 1000, seed: int = 0,
+    confidence: float = 0.95, threshold: float = 0.5,
+) -> dict[str, "ConfidenceInterval"]:
+    """Bootstrap confidence intervals of the headline classification metrics, resampling images (whole `groups`,
+    e.g. patients, when given).
+
+    Args:
+        scores: `(N, C)` class scores, or `(N, R, C)` scores of `R` runs (seeds) whose metric is averaged.
+        labels: `(N,)` class ids or `(N, C)` 0/1 rows.
+        class_names: the class names, for the per-class keys (default `"0"`, `"1"`, ...).
+        groups, n_resamples, seed, confidence: see [`bootstrap_ci`].
+        threshold: multi-label decision threshold.
+
+    Returns:
+        `{"macro_auc", "accuracy", "macro_f1", "auc/<class>" ...: ConfidenceInterval}`; the macro AUC and the per-class
+        AUCs cover the classes with both positives and negatives in `labels` (the others have no key).
+    """
+    scores, labels = _as_numpy(scores).astype(np.float64), _as_numpy(labels)
+    if scores.ndim not in (2, 3):
+        raise ValueError(f"`scores` must have shape (N, C) or (N, runs, C), got {scores.shape}")
+    num_classes = scores.shape[-1]
+    names = [str(i) for i in range(num_classes)] if class_names is None else list(class_names)
+    defined = auc_classes(scores if scores.ndim == 2 else scores[:, 0], labels)
+    functions = {
+        "macro_auc": lambda s, y: macro_auc(s, y, columns=defined),
+        "accuracy": lambda s, y: accuracy(s, y, threshold),
+        "macro_f1": lambda s, y: macro_f1(s, y, threshold),
+    }
+    for column in defined:
+        functions[f"auc/{names[column]}"] = lambda s, y, column=column: float(roc_auc_columns(s, y)[column])
+    return {
+        name: bootstrap_ci(
+            lambda y, s, f=function: _mean_over_runs(f, s, y), labels, scores, groups=groups,
+            n_resamples=n_resamples, confidence=confidence, seed=seed,
+        )
+        for name, function in functions.items()
+    }
 
 
 # The CheXpert labeler's CSV convention: 1.0 positive, 0.0 negative, -1.0 uncertain, blank (nan) not mentioned.
@@ -476,6 +550,7 @@ __all__ = [
     "accuracy",
     "auc_classes",
     "bootstrap_ci",
+    "classification_intervals",
     "classification_metrics",
     "evaluate_module_path",
     "CHEXPERT_LABEL_VALUES",
@@ -487,6 +562,7 @@ __all__ = [
     "pair_relevance",
     "precision_at_k",
     "recall_at_k",
+    "retrieval_intervals",
     "retrieval_metrics",
     "roc_auc_columns",
     "zero_shot_metrics",

@@ -20,12 +20,14 @@ from modeling_medclip.metrics import (
     ConfidenceInterval,
     accuracy,
     bootstrap_ci,
+    classification_intervals,
     classification_metrics,
     evaluate_module_path,
     label_relevance,
     labeler_agreement,
     macro_auc,
     macro_f1,
+    retrieval_intervals,
     retrieval_metrics,
     roc_auc_columns,
 )
@@ -340,3 +342,30 @@ def test_evaluate_modules_are_package_data():
         assert any(fnmatch.fnmatch(relative, pattern) for pattern in package_data["modeling_medclip"]), relative
     with pytest.raises(ValueError, match="accuracy"):
         evaluate_module_path("accuracy")
+
+
+def test_classification_intervals_keys_values_and_runs():
+    intervals = classification_intervals(MULTICLASS_SCORES, MULTICLASS_LABELS, ["a", "b", "c"], n_resamples=200)
+    # class "c" has no positive: no per-class key, and the macro AUC averages a and b
+    assert set(intervals) == {"macro_auc", "accuracy", "macro_f1", "auc/a", "auc/b"}
+    reference = classification_metrics(MULTICLASS_SCORES, MULTICLASS_LABELS, ["a", "b", "c"])
+    for name in ("macro_auc", "accuracy", "macro_f1"):
+        assert intervals[name].value == pytest.approx(reference[name])
+    assert intervals["auc/b"].value == pytest.approx(5.5 / 6)
+    # (N, runs, C) scores: the metric is the mean over the runs
+    runs = np.stack([MULTILABEL_SCORES, 1.0 - MULTILABEL_SCORES], axis=1)
+    averaged = classification_intervals(runs, MULTILABEL_LABELS, n_resamples=100)
+    assert averaged["auc/0"].value == pytest.approx((1.0 + 0.0) / 2)
+    assert averaged["accuracy"].value == pytest.approx((7 / 8 + accuracy(1.0 - MULTILABEL_SCORES, MULTILABEL_LABELS)) / 2)
+
+
+def test_retrieval_intervals_resample_query_patients():
+    ranking, query_labels, gallery_labels = _two_queries_over_sixty_items()
+    ranking, query_labels = ranking * 20, query_labels * 20  # 40 queries, 20 patients of two queries each
+    relevant = label_relevance(np.array(query_labels), np.array(gallery_labels))
+    intervals = retrieval_intervals(ranking, relevant, groups=np.arange(40) // 2, n_resamples=200)
+    assert set(intervals) == set(EXPECTED_RETRIEVAL)
+    for name, expected in EXPECTED_RETRIEVAL.items():
+        assert intervals[name].value == pytest.approx(expected)
+    # every patient has one query of each class: every resample has the same mix, so the interval is a point
+    assert intervals["precision@1"].low == intervals["precision@1"].high == 0.5
