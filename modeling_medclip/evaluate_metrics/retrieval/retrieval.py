@@ -12,6 +12,7 @@ Computed by `modeling_medclip.metrics.retrieval_metrics` on `label_relevance`.
 
 import datasets
 import evaluate
+import numpy as np
 
 from modeling_medclip.metrics import label_relevance, retrieval_metrics
 
@@ -27,6 +28,8 @@ Args:
     references: per query, its class id (multi-class) or 0/1 row (multi-label).
     gallery_labels: per gallery item, its class id or 0/1 row.
     ks (`list` of `int`, defaults to `[1, 5, 10, 50]`): cut-offs; those longer than the rankings are left out.
+    exclude_self (`bool`, defaults to `False`): the queries are the gallery itself (image->image), query `i` being
+        gallery item `i`: an item never counts as relevant to itself (rankings should leave it out).
 Returns:
     `precision@k` and `recall@k` for every usable `k`, and `mrr`.
 """
@@ -53,6 +56,8 @@ class Retrieval(evaluate.Metric):
             features=datasets.Features({"predictions": datasets.Sequence(datasets.Value("int64")), "references": reference}),
         )
 
-    def _compute(self, predictions, references, gallery_labels, ks=(1, 5, 10, 50)):
+    def _compute(self, predictions, references, gallery_labels, ks=(1, 5, 10, 50), exclude_self=False):
         relevant = label_relevance(references, gallery_labels)
+        if exclude_self:
+            np.fill_diagonal(relevant, False)
         return retrieval_metrics(predictions, relevant, ks=ks)
