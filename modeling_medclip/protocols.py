@@ -7,6 +7,8 @@
 - [`retrieval_protocol`]: image->text, text->image and image->image Precision@k / Recall@k / MRR, a retrieved item
   being relevant when it shares the query's label (ConVIRT), scored by the shipped `retrieval` evaluate module, with
   bootstrap CIs over the queries (query patients for image queries).
+- [`labeler_protocol`]: the report labeler against a reference label file in the CheXpert CSV format, scored by the
+  shipped `labeler_agreement` evaluate module, with bootstrap CIs of the micro F1s over the reports.
 """
 
 import functools
@@ -18,13 +20,17 @@ from typing import Literal
 
 import evaluate
 import numpy as np
+import pandas as pd
 import torch
 import yaml
 from torch.utils.data import DataLoader
 
 from .evaluation import load_images
 from .linear_probe import extract_features
+from .labeler import CHEXPERT_CLASSES
 from .metrics import (
+    CHEXPERT_LABEL_VALUES,
+    bootstrap_ci,
     classification_intervals,
     evaluate_module_path,
     label_relevance,
@@ -217,6 +223,60 @@ def retrieval_protocol(
     return results
 
 
+def _micro_f1(reference: np.ndarray, predicted: np.ndarray, value: float) -> float:
+    """Micro F1 `2 TP / (2 TP + FP + FN)` of cells equal to `value` (nan: blank), over all rows and columns."""
+    said_by_reference, said_by_labeler = reference == value, predicted == value
+    true_positives = (said_by_reference & said_by_labeler).sum()
+    errors = (said_by_reference ^ said_by_labeler).sum()
+    return float("nan") if true_positives + errors == 0 else float(2 * true_positives / (2 * true_positives + errors))
+
+
+def labeler_protocol(
+    labeler, reference_csv: str | os.PathLike, *, text_column: str = "Reports", micro_classes: Sequence[str] | None = None,
+    min_chars: int = 4, n_resamples: int = 1000, seed: int = 0,
+) -> dict:
+    """Agreement of `labeler` (a [`CheXpertLabeler`]) with a reference label file in the CheXpert CSV format.
+
+    The reference's rows are reports (or sentences) in `text_column` and one column per CheXpert class (1.0, 0.0,
+    -1.0, blank). As the CheXpert labeler's own scoring does, texts shorter than `min_chars` are dropped, duplicate
+    texts are scored once, and the micro average pools the findings (`micro_classes`, default every class of the
+    file but `No Finding`).
+
+    Returns:
+        `{"metrics": the labeler_agreement module's output, "intervals": {"micro_f1/<value>": ConfidenceInterval}
+        (bootstrap over the texts), "num_texts": N}`.
+    """
+    table = pd.read_csv(reference_csv)
+    if text_column not in table.columns:
+        raise ValueError(f"reference file {reference_csv} has no text column {text_column!r}: {list(table.columns)}")
+    class_names = [name for name in CHEXPERT_CLASSES if name in table.columns]
+    if not class_names:
+        raise ValueError(f"reference file {reference_csv} has none of the CheXpert columns {list(CHEXPERT_CLASSES)}")
+    table = table[table[text_column].fillna("").str.strip().str.len() >= min_chars]
+    table = table.drop_duplicates(subset=text_column)
+    reference = table[class_names].to_numpy(dtype=np.float64)
+    predicted = np.array(
+        [[np.nan if (v := labeler.label_report(text).get(name)) is None else v for name in class_names]
+         for text in table[text_column]],
+        dtype=np.float64,
+    )  # fmt: skip
+    pooled = list(micro_classes or [name for name in class_names if name != "No Finding"])
+    metrics = _evaluate_module("labeler_agreement").compute(
+        predictions=[[None if np.isnan(v) else v for v in row] for row in predicted],
+        references=[[None if np.isnan(v) else v for v in row] for row in reference],
+        class_names=class_names, micro_classes=pooled,
+    )  # fmt: skip
+    columns = [class_names.index(name) for name in pooled]
+    intervals = {
+        f"micro_f1/{value_name}": bootstrap_ci(
+            lambda ref, pred, value=value: _micro_f1(ref[:, columns], pred[:, columns], value), reference, predicted,
+            n_resamples=n_resamples, seed=seed,
+        )
+        for value_name, value in CHEXPERT_LABEL_VALUES.items()
+    }
+    return {"metrics": metrics, "intervals": intervals, "num_texts": len(table)}
+
+
 __all__ = [
     "RETRIEVAL_KS",
     "autocast_dtype",
@@ -224,6 +284,7 @@ __all__ = [
     "class_rows",
     "embed_images_in_workers",
     "image_loader",
+    "labeler_protocol",
     "load_prompt_file",
     "retrieval_protocol",
     "zero_shot_protocol",

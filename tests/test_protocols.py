@@ -12,11 +12,13 @@ from conftest import tiny_config
 from transformers import AutoTokenizer
 
 from modeling_medclip import MedCLIPImageProcessor, MedCLIPModel, MedCLIPProcessor
+from modeling_medclip.labeler import CheXpertLabeler
 from modeling_medclip.protocols import (
     autocast_dtype,
     bf16_supported,
     embed_images_in_workers,
     image_loader,
+    labeler_protocol,
     load_prompt_file,
     retrieval_protocol,
     zero_shot_protocol,
@@ -121,3 +123,38 @@ def test_prompt_files(tmp_path):
         load_prompt_file(tmp_path / "prompts.json", ["normal", "viral"])
     with pytest.raises(ValueError, match="positive"):
         load_prompt_file(tmp_path / "prompts.json", ["normal", "pneumonia"], mode="multilabel")
+
+
+def test_labeler_protocol_by_hand(tmp_path):
+    # the labeler says: Cardiomegaly 1 / Pleural Effusion 0 / Edema -1; the reference agrees on the first two, says
+    # Edema 1 on the third; "ok" is too short and the duplicate row is scored once
+    reference = pd.DataFrame({
+        "Reports": ["There is cardiomegaly.", "No pleural effusion.", "Possible edema.", "ok", "No pleural effusion."],
+        "No Finding": [None, 1.0, None, 1.0, 1.0],
+        "Cardiomegaly": [1.0, None, None, None, None],
+        "Edema": [None, None, 1.0, None, None],
+        "Pleural Effusion": [None, 0.0, None, None, 0.0],
+    })  # fmt: skip
+    reference.to_csv(tmp_path / "reference.csv", index=False)
+    result = labeler_protocol(CheXpertLabeler(), tmp_path / "reference.csv", n_resamples=100)
+    assert result["num_texts"] == 3
+    micro = result["metrics"]["micro"]
+    # positive: TP 1 (cardiomegaly), FN 1 (edema) -> P 1, R 1/2; negative: TP 1; uncertain: FP 1 only
+    assert micro["positive"] == pytest.approx({"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 2})
+    assert micro["negative"]["f1"] == 1.0
+    assert micro["uncertain"]["precision"] == 0.0 and micro["uncertain"]["support"] == 0
+    assert result["intervals"]["micro_f1/positive"].value == pytest.approx(2 / 3)
+    assert set(result["metrics"]["per_class"]) == {"No Finding", "Cardiomegaly", "Edema", "Pleural Effusion"}
+
+
+def test_labeler_protocol_on_the_chexpert_labelers_iu_labels(shared_data, tmp_path):
+    reference = pd.read_csv(shared_data / "chexpert-labeler-iu" / "reports-dev.csv").head(150)
+    reference.to_csv(tmp_path / "reports.csv", index=False)
+    result = labeler_protocol(CheXpertLabeler(), tmp_path / "reports.csv", n_resamples=100)
+    assert 100 < result["num_texts"] <= 150
+    for value in ("positive", "negative", "uncertain"):
+        ci = result["intervals"][f"micro_f1/{value}"]
+        assert ci.value == pytest.approx(result["metrics"]["micro"][value]["f1"])
+        assert 0.0 <= ci.low <= ci.value <= ci.high <= 1.0
+    with pytest.raises(ValueError, match="no text column 'Report'"):
+        labeler_protocol(CheXpertLabeler(), tmp_path / "reports.csv", text_column="Report")
