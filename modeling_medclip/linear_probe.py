@@ -153,42 +153,46 @@ def extract_features(
     return torch.cat(chunks).numpy()
 
 
-def patient_split(data: ProbeData, validation_size: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Patient-disjoint `(fit, validation)` image indices, seeded; stratified by class when multi-class."""
+def patient_split(labels, groups, validation_size: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Patient-disjoint `(fit, validation)` image indices of images with `labels` (`(N,)` class ids or `(N, C)` 0/1
+    rows) and patient ids `groups`, seeded; stratified by class when multi-class."""
+    labels, groups = np.asarray(labels), np.asarray(groups)
     if not 0.0 < validation_size < 1.0:
         raise ValueError(f"`validation_size` must lie in (0, 1), got {validation_size}")
-    num_patients = len(np.unique(data.groups))
+    num_patients = len(np.unique(groups))
     if num_patients < 2:
         raise ValueError(f"a validation split needs at least 2 patients, got {num_patients}")
-    indices = np.arange(len(data.features))
-    if data.multilabel:
+    indices = np.arange(len(labels))
+    if labels.ndim == 2:
         splitter = GroupShuffleSplit(n_splits=1, test_size=validation_size, random_state=seed)
-        fit, validation = next(splitter.split(indices, groups=data.groups))
+        fit, validation = next(splitter.split(indices, groups=groups))
     else:
         n_splits = min(max(2, round(1.0 / validation_size)), num_patients)
         splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
         with warnings.catch_warnings():  # a class with fewer patients than folds is only a warning
             warnings.simplefilter("ignore", UserWarning)
-            fit, validation = next(splitter.split(indices, data.labels, groups=data.groups))
+            fit, validation = next(splitter.split(indices, labels, groups=groups))
     return np.sort(fit), np.sort(validation)
 
 
-def label_fraction(data: ProbeData, fraction: float, seed: int) -> np.ndarray:
-    """Indices of `fraction` of the images of `data`, stratified by class (multi-class; at least one image per
-    class) and seeded; multi-label sets are sampled uniformly. `fraction == 1` keeps every image."""
+def label_fraction(labels, fraction: float, seed: int) -> np.ndarray:
+    """Indices of `fraction` of the images with `labels`, stratified by class (multi-class `(N,)` class ids; at least
+    one image per class) and seeded; multi-label `(N, C)` rows are sampled uniformly. `fraction == 1` keeps every
+    image."""
+    labels = np.asarray(labels)
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"label fractions must lie in (0, 1], got {fraction}")
-    indices = np.arange(len(data.features))
+    indices = np.arange(len(labels))
     if fraction == 1.0:
         return indices
-    if data.multilabel:
+    if labels.ndim == 2:
         size = max(1, round(fraction * len(indices)))
         return np.sort(np.random.default_rng(seed).choice(indices, size=size, replace=False))
-    num_classes = len(np.unique(data.labels))
+    num_classes = len(np.unique(labels))
     size = max(num_classes, round(fraction * len(indices)))
     if size >= len(indices):
         return indices
-    chosen, _ = train_test_split(indices, train_size=size, stratify=data.labels, random_state=seed)
+    chosen, _ = train_test_split(indices, train_size=size, stratify=labels, random_state=seed)
     return np.sort(chosen)
 
 
@@ -287,13 +291,13 @@ def run_linear_probe(
         raise ValueError(f"train features are {train.features.shape[1]}-d, test features {test.features.shape[1]}-d")
     num_classes = train.labels.shape[1] if train.multilabel else int(max(train.labels.max(), test.labels.max())) + 1
     seeds = {**DEFAULT_SEEDS, **(seeds or {})}
-    fit_indices, validation_indices = patient_split(train, validation_size, split_seed)
+    fit_indices, validation_indices = patient_split(train.labels, train.groups, validation_size, split_seed)
     fit_part, validation = train.subset(fit_indices), train.subset(validation_indices)
     results = []
     for fraction in fractions:
         runs, seed_scores = [], []
         for seed in range(seeds.get(fraction, 1)):
-            subset = fit_part.subset(label_fraction(fit_part, fraction, seed))
+            subset = fit_part.subset(label_fraction(fit_part.labels, fraction, seed))
             probe, C, validation_score = fit_probe(subset, validation, num_classes, Cs, seed)
             scores = _scores(probe, test.features, num_classes)
             metrics = classification_metrics(scores, test.labels, class_names)

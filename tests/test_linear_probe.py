@@ -73,24 +73,24 @@ def test_multilabel_probe_on_per_class_signals():
 
 def test_patient_split_and_label_fraction():
     data = _gaussian_classes(200, 1.0, seed=4, images_per_patient=3)
-    fit, validation = patient_split(data, validation_size=0.2, seed=0)
+    fit, validation = patient_split(data.labels, data.groups, validation_size=0.2, seed=0)
     assert set(data.groups[fit]).isdisjoint(data.groups[validation])
     assert len(fit) + len(validation) == len(data.labels)
     assert 0.1 < len(validation) / len(data.labels) < 0.3
-    assert np.array_equal(patient_split(data, 0.2, seed=0)[1], validation)
-    assert not np.array_equal(patient_split(data, 0.2, seed=1)[1], validation)
+    assert np.array_equal(patient_split(data.labels, data.groups, 0.2, seed=0)[1], validation)
+    assert not np.array_equal(patient_split(data.labels, data.groups, 0.2, seed=1)[1], validation)
 
-    chosen = label_fraction(data, 0.1, seed=0)
+    chosen = label_fraction(data.labels, 0.1, seed=0)
     assert len(chosen) == 60
     # stratified: the class balance of the draw is the data's, to one image
     assert abs(data.labels[chosen].mean() * 60 - data.labels.mean() * 60) <= 1
-    assert np.array_equal(label_fraction(data, 0.1, seed=0), chosen)
-    assert not np.array_equal(label_fraction(data, 0.1, seed=1), chosen)
+    assert np.array_equal(label_fraction(data.labels, 0.1, seed=0), chosen)
+    assert not np.array_equal(label_fraction(data.labels, 0.1, seed=1), chosen)
     # a tiny fraction still keeps one image of every class
-    assert set(data.labels[label_fraction(data, 0.001, seed=0)]) == {0, 1}
-    assert len(label_fraction(data, 1.0, seed=0)) == len(data.labels)
+    assert set(data.labels[label_fraction(data.labels, 0.001, seed=0)]) == {0, 1}
+    assert len(label_fraction(data.labels, 1.0, seed=0)) == len(data.labels)
     with pytest.raises(ValueError, match="label fractions"):
-        label_fraction(data, 0.0, seed=0)
+        label_fraction(data.labels, 0.0, seed=0)
 
 
 def test_bad_probe_input_names_the_input():
@@ -136,7 +136,7 @@ def test_linear_probe_of_a_tiny_model_on_pediatric_pneumonia(pneumonia_subset):
 
     labels = subset["label"].map(class_names.index).to_numpy()
     data = ProbeData(features, labels, subset["patient_id"].to_numpy(), ids=list(subset["image"]))
-    train_indices, test_indices = patient_split(data, validation_size=0.3, seed=1)
+    train_indices, test_indices = patient_split(data.labels, data.groups, validation_size=0.3, seed=1)
     result = run_linear_probe(
         data.subset(train_indices), data.subset(test_indices), fractions=(0.1, 1.0), class_names=class_names,
         n_resamples=200,
