@@ -1,4 +1,4 @@
-"""Tests of the pretraining loop (`modeling_medclip/training.py`, `checkpointing.py`) and `run_pretrain.py`.
+"""Tests of the pretraining package (`modeling_medclip/training/`), its checkpoints and `run_pretrain.py`.
 
 The distributed test starts 2 real CPU processes (gloo) with `accelerate launch`; the loop tests train tiny towers on
 the real covid-cxr images and notes of the shared data folder.
@@ -25,7 +25,7 @@ from modeling_medclip.checkpointing import sorted_checkpoints, write_checkpoint
 from modeling_medclip.training import (
     PRESETS,
     ContrastiveTrainer,
-    TrainingArguments,
+    OptimizationArguments,
     build_optimizer,
     build_parser,
     parameter_groups,
@@ -83,7 +83,7 @@ def test_precedence_defaults_preset_file_flags(tmp_path):
     assert args.training.learning_rate == PRESETS["convirt"]["learning_rate"]
 
     args = parse_args(["--preset", "none"])
-    assert args.training.max_steps == TrainingArguments.max_steps
+    assert args.training.max_steps == OptimizationArguments.max_steps
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("learning_rat: 0.1\n")
@@ -107,7 +107,7 @@ def test_help_documents_every_flag():
 
 def test_parameter_groups_exclude_frozen_and_skip_decay_on_norms_biases_and_logit_scale():
     model = tiny_model("convirt")  # ConVIRT config: first text layer and embeddings frozen, fixed logit scale
-    args = TrainingArguments(output_dir="unused", learning_rate=1e-4, head_learning_rate=1e-3, weight_decay=0.1)
+    args = OptimizationArguments(output_dir="unused", learning_rate=1e-4, head_learning_rate=1e-3, weight_decay=0.1)
     groups = {group["group_name"]: group for group in parameter_groups(model, args)}
     names = {id(p): n for n, p in model.named_parameters()}
     in_optimizer = {names[id(p)] for group in groups.values() for p in group["params"]}
@@ -152,9 +152,9 @@ def test_two_processes_match_one_process_on_the_concatenated_batch(tmp_path):
             assert result["logit_scale_update"] > 1e-4, result
 
 
-def _step_args(**overrides) -> TrainingArguments:
+def _step_args(**overrides) -> OptimizationArguments:
     """The step settings of `_train_worker.py` (SGD, separate head LR, clipping)."""
-    return TrainingArguments(
+    return OptimizationArguments(
         output_dir="unused", optim="sgd", learning_rate=0.5, head_learning_rate=2.0, max_grad_norm=1.0, **overrides
     )
 
@@ -325,31 +325,6 @@ def test_run_pretrain_tiny_end_to_end(tmp_path, shared_data):
     card = (output_dir / "final" / "README.md").read_text()
     assert card.startswith("---") and "\n# run\n" in card  # named after the run's output folder
     assert "| metric | before training | after 4 steps |" in card
-
-
-def test_image_label_vectors_from_the_note_or_corrected_by_the_class(covid_cxr_dir):
-    from dataset_scripts.covid_cxr import COVID_CXR_CLASSES, build_covid_cxr
-    from modeling_medclip.labeler import CHEXPERT_CLASSES, CheXpertLabeler
-    from modeling_medclip.training import _report_labelled
-
-    examples = list(build_covid_cxr(covid_cxr_dir, require_text=True))
-    from_note = list(_report_labelled(build_covid_cxr(covid_cxr_dir, require_text=True), "positive"))
-    with_class = list(_report_labelled(build_covid_cxr(covid_cxr_dir, require_text=True), "positive", with_class=True))
-    labeler = CheXpertLabeler()
-    pneumonia, no_finding = CHEXPERT_CLASSES.index("Pneumonia"), CHEXPERT_CLASSES.index("No Finding")
-    seen = set()
-    for example, note, corrected in zip(examples, from_note, with_class):
-        assert note["labels"] == labeler.label_vector(example["text"], uncertain="positive")
-        name = COVID_CXR_CLASSES[example["labels"]]
-        seen.add(name)
-        if name == "No Finding":
-            assert corrected["labels"][no_finding] == 1.0 and corrected["labels"][pneumonia] == 0.0
-        else:
-            assert corrected["labels"][pneumonia] == 1.0 and corrected["labels"][no_finding] == 0.0
-            # the note's other findings are kept
-            others = [i for i in range(len(CHEXPERT_CLASSES)) if i not in (pneumonia, no_finding)]
-            assert [corrected["labels"][i] for i in others] == [note["labels"][i] for i in others]
-    assert seen == set(COVID_CXR_CLASSES)
 
 
 def test_one_pretrained_tower_and_one_from_a_named_config(tmp_path, tokenizer_dir):
