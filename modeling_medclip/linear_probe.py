@@ -93,13 +93,14 @@ class ProbeData:
 
 @dataclass
 class ProbeRun:
-    """One fit: a label fraction, a seed, the chosen regularisation and the test metrics."""
+    """One fit (linear probe or fine-tune): a label fraction, a seed, the settings chosen on the validation patients
+    (e.g. `{"C": 0.1}`) and the test metrics."""
 
     fraction: float
     seed: int
-    C: float
+    selected: dict
     num_train_images: int
-    validation_score: float
+    validation_score: float | None
     test_metrics: dict
     train_ids: list[str] = field(default_factory=list)
 
@@ -233,12 +234,13 @@ def fit_probe(
     return best
 
 
-def _summarise(
-    fraction: float, runs: list[ProbeRun], seed_scores: list[np.ndarray], test: ProbeData,
+def summarise_fraction(
+    fraction: float, runs: list[ProbeRun], seed_scores: list[np.ndarray], test_labels, test_groups,
     class_names: Sequence[str] | None, n_resamples: int, ci_seed: int,
 ) -> FractionResult:
+    """A fraction's [`FractionResult`] from its runs and their `(N_test, C)` test scores (one array per seed)."""
     metrics = classification_intervals(
-        np.stack(seed_scores, axis=1), test.labels, class_names, groups=test.groups, n_resamples=n_resamples,
+        np.stack(seed_scores, axis=1), test_labels, class_names, groups=test_groups, n_resamples=n_resamples,
         seed=ci_seed,
     )
     seed_std = {name: float(np.std([run.test_metrics[name] for run in runs])) for name in HEADLINE_METRICS}
@@ -246,7 +248,7 @@ def _summarise(
 
 
 @dataclass
-class LinearProbeResult:
+class LabelEfficiencyResult:
     """Every fraction's result, and the image ids of the fit / validation / test parts (a run repeats exactly)."""
 
     fractions: list[FractionResult]
@@ -267,7 +269,7 @@ def run_linear_probe(
     class_names: Sequence[str] | None = None,
     n_resamples: int = 1000,
     ci_seed: int = 0,
-) -> LinearProbeResult:
+) -> LabelEfficiencyResult:
     """Linear probe at every label fraction (see the module docstring).
 
     Args:
@@ -283,7 +285,7 @@ def run_linear_probe(
         n_resamples, ci_seed: bootstrap resamples and seed of the confidence intervals.
 
     Returns:
-        [`LinearProbeResult`]: one [`FractionResult`] per fraction, in the order given, and the split ids.
+        [`LabelEfficiencyResult`]: one [`FractionResult`] per fraction, in the order given, and the split ids.
     """
     if train.multilabel != test.multilabel:
         raise ValueError("`train` and `test` must both be multi-class or both multi-label")
@@ -301,11 +303,15 @@ def run_linear_probe(
             probe, C, validation_score = fit_probe(subset, validation, num_classes, Cs, seed)
             scores = _scores(probe, test.features, num_classes)
             metrics = classification_metrics(scores, test.labels, class_names)
-            runs.append(ProbeRun(fraction, seed, C, len(subset.features), validation_score, metrics, subset.image_ids()))
+            runs.append(ProbeRun(
+                fraction, seed, {"C": C}, len(subset.features), validation_score, metrics, subset.image_ids()
+            ))
             seed_scores.append(scores)
-        results.append(_summarise(fraction, runs, seed_scores, test, class_names, n_resamples, ci_seed))
+        results.append(summarise_fraction(
+            fraction, runs, seed_scores, test.labels, test.groups, class_names, n_resamples, ci_seed
+        ))
     split_ids = {"fit": fit_part.image_ids(), "validation": validation.image_ids(), "test": test.image_ids()}
-    return LinearProbeResult(results, split_ids)
+    return LabelEfficiencyResult(results, split_ids)
 
 
 __all__ = [
@@ -313,7 +319,7 @@ __all__ = [
     "DEFAULT_SEEDS",
     "LABEL_FRACTIONS",
     "FractionResult",
-    "LinearProbeResult",
+    "LabelEfficiencyResult",
     "ProbeData",
     "ProbeRun",
     "extract_features",
@@ -322,4 +328,5 @@ __all__ = [
     "label_fraction",
     "patient_split",
     "run_linear_probe",
+    "summarise_fraction",
 ]
