@@ -23,9 +23,13 @@ VERSIONED_PACKAGES = (
 
 
 def format_interval(value) -> str:
-    """`0.812 [0.790, 0.835]` for a [`ConfidenceInterval`], `0.812` for a float, `n/a` for a missing or nan value."""
+    """`0.812 [0.790, 0.835]` for a [`ConfidenceInterval`] (`0.812 [CI n/a]` without bounds), `0.812` for a float,
+    `n/a` for a missing or nan value."""
     if isinstance(value, ConfidenceInterval):
-        return "n/a" if math.isnan(value.value) else f"{value.value:.3f} [{value.low:.3f}, {value.high:.3f}]"
+        if math.isnan(value.value):
+            return "n/a"
+        bounds = "CI n/a" if math.isnan(value.low) else f"{value.low:.3f}, {value.high:.3f}"
+        return f"{value.value:.3f} [{bounds}]"
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return f"{value:.3f}" if isinstance(value, float) else str(value)

@@ -116,12 +116,15 @@ class FractionResult:
     runs: list[ProbeRun]
     test_scores: np.ndarray  # (N_test, C) scores of the first seed, for plots
 
-    def to_dict(self) -> dict:
+    def to_dict(self, with_ids: bool = True) -> dict:
+        runs = [asdict(run) for run in self.runs]
+        if not with_ids:
+            runs = [{key: value for key, value in run.items() if key != "train_ids"} for run in runs]
         return {
             "fraction": self.fraction,
             "metrics": {name: ci.to_dict() for name, ci in self.metrics.items()},
             "seed_std": self.seed_std,
-            "runs": [asdict(run) for run in self.runs],
+            "runs": runs,
         }
 
 
@@ -254,8 +257,14 @@ class LabelEfficiencyResult:
     fractions: list[FractionResult]
     split_ids: dict[str, list[str]]
 
-    def to_dict(self) -> dict:
-        return {"fractions": [result.to_dict() for result in self.fractions], "split_ids": self.split_ids}
+    def to_dict(self, with_ids: bool = True) -> dict:
+        """JSON-ready; without the image ids (the split and every run's drawn labels) when `with_ids` is false."""
+        fractions = [result.to_dict(with_ids) for result in self.fractions]
+        return {"fractions": fractions, "split_ids": self.split_ids} if with_ids else {"fractions": fractions}
+
+    def label_draws(self) -> dict[str, list[str]]:
+        """`{"<fraction>/seed<seed>": image ids}` of every run's training labels."""
+        return {f"{run.fraction}/seed{run.seed}": run.train_ids for result in self.fractions for run in result.runs}
 
 
 def run_linear_probe(

@@ -17,6 +17,7 @@ The same metrics ship as `evaluate` modules inside the package (`modeling_medcli
 `evaluate.load(evaluate_module_path(name))` loads them offline, for `name` in [`EVALUATE_MODULES`].
 """
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Hashable, Iterable, Sequence
@@ -204,11 +205,13 @@ def _decisions(scores: np.ndarray, labels: np.ndarray, threshold: float) -> np.n
     return scores >= threshold
 
 
-def auc_classes(scores, labels) -> list[int]:
-    """The classes (columns of `scores`) with both positives and negatives among `labels`: those with an AUC."""
+def auc_classes(scores, labels, min_count: int = 1) -> list[int]:
+    """The classes (columns of `scores`) with at least `min_count` positives and `min_count` negatives among
+    `labels` (with the default 1: those whose AUC is defined)."""
     scores, labels = _as_numpy(scores), _as_numpy(labels)
     targets = _classification_targets(scores, labels)
-    return [column for column in range(scores.shape[1]) if 0 < targets[:, column].sum() < len(targets)]
+    positives = targets.sum(axis=0)
+    return [c for c in range(scores.shape[1]) if positives[c] >= min_count and len(targets) - positives[c] >= min_count]
 
 
 def roc_auc_columns(scores, labels) -> np.ndarray:
@@ -313,7 +316,7 @@ def _mean_over_runs(metric, scores: np.ndarray, labels: np.ndarray) -> float:
 
 def classification_intervals(
     scores, labels, class_names: Sequence[str] | None = None, groups=None, n_resamples: int = 1000, seed: int = 0,
-    confidence: float = 0.95, threshold: float = 0.5,
+    confidence: float = 0.95, threshold: float = 0.5, min_positives: int = 5,
 ) -> dict[str, "ConfidenceInterval"]:
     """Bootstrap confidence intervals of the headline classification metrics, resampling images (whole `groups`,
     e.g. patients, when given).
@@ -324,17 +327,19 @@ def classification_intervals(
         class_names: the class names, for the per-class keys (default `"0"`, `"1"`, ...).
         groups, n_resamples, seed, confidence: see [`bootstrap_ci`].
         threshold: multi-label decision threshold.
+        min_positives: the macro AUC and the per-class AUCs cover the classes with at least this many positive and
+            this many negative images (a class with fewer has no stable interval, and no key).
 
     Returns:
-        `{"macro_auc", "accuracy", "macro_f1", "auc/<class>" ...: ConfidenceInterval}`; the macro AUC and the per-class
-        AUCs cover the classes with both positives and negatives in `labels` (the others have no key).
+        `{"macro_auc", "accuracy", "macro_f1", "auc/<class>" ...: ConfidenceInterval}`. Where the metric is undefined
+        on more than half of the resamples, its interval bounds are nan (the value is still given).
     """
     scores, labels = _as_numpy(scores).astype(np.float64), _as_numpy(labels)
     if scores.ndim not in (2, 3):
         raise ValueError(f"`scores` must have shape (N, C) or (N, runs, C), got {scores.shape}")
     num_classes = scores.shape[-1]
     names = [str(i) for i in range(num_classes)] if class_names is None else list(class_names)
-    defined = auc_classes(scores if scores.ndim == 2 else scores[:, 0], labels)
+    defined = auc_classes(scores if scores.ndim == 2 else scores[:, 0], labels, min_positives)
     functions = {
         "macro_auc": lambda s, y: macro_auc(s, y, columns=defined),
         "accuracy": lambda s, y: accuracy(s, y, threshold),
@@ -342,13 +347,19 @@ def classification_intervals(
     }
     for column in defined:
         functions[f"auc/{names[column]}"] = lambda s, y, column=column: float(roc_auc_columns(s, y)[column])
-    return {
-        name: bootstrap_ci(
-            lambda y, s, f=function: _mean_over_runs(f, s, y), labels, scores, groups=groups,
-            n_resamples=n_resamples, confidence=confidence, seed=seed,
-        )
-        for name, function in functions.items()
-    }
+    intervals = {}
+    for name, function in functions.items():
+        metric = functools.partial(_mean_over_runs_of_labels, function)
+        try:
+            intervals[name] = bootstrap_ci(metric, labels, scores, groups=groups, n_resamples=n_resamples,
+                                           confidence=confidence, seed=seed)  # fmt: skip
+        except ValueError:  # undefined on most resamples: the value without bounds
+            intervals[name] = ConfidenceInterval(metric(labels, scores), math.nan, math.nan, confidence, 0, n_resamples)
+    return intervals
+
+
+def _mean_over_runs_of_labels(metric, labels, scores) -> float:
+    return _mean_over_runs(metric, scores, labels)
 
 
 # The CheXpert labeler's CSV convention: 1.0 positive, 0.0 negative, -1.0 uncertain, blank (nan) not mentioned.

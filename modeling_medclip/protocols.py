@@ -91,14 +91,20 @@ def embed_images_in_workers(
     return torch.from_numpy(extract_features(model, loader, kind="projection", autocast_dtype=autocast))
 
 
-def load_prompt_file(path: str | os.PathLike, class_names: Sequence[str], mode: str = "multiclass") -> dict:
-    """A user's prompt set from JSON or YAML: `{class: [prompt, ...]}` (multi-class) or
-    `{class: {"positive": [...], "negative": [...]}}` (multi-label), with exactly the task's classes."""
+def read_prompt_file(path: str | os.PathLike) -> dict:
+    """The `{class: prompts}` mapping of a JSON or YAML prompt file, unchecked."""
     path = Path(path)
     text = path.read_text()
     prompts = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     if not isinstance(prompts, dict):
         raise ValueError(f"prompt file {path} must map class names to prompts, got {type(prompts).__name__}")
+    return prompts
+
+
+def load_prompt_file(path: str | os.PathLike, class_names: Sequence[str], mode: str = "multiclass") -> dict:
+    """A user's prompt set from JSON or YAML: `{class: [prompt, ...]}` (multi-class) or
+    `{class: {"positive": [...], "negative": [...]}}` (multi-label), with exactly the task's classes, in their order."""
+    prompts = read_prompt_file(path)
     if sorted(prompts) != sorted(class_names):
         raise ValueError(f"prompt file {path} has classes {sorted(prompts)}, the task has {sorted(class_names)}")
     for name, value in prompts.items():
@@ -286,6 +292,7 @@ __all__ = [
     "image_loader",
     "labeler_protocol",
     "load_prompt_file",
+    "read_prompt_file",
     "retrieval_protocol",
     "zero_shot_protocol",
 ]

@@ -345,7 +345,8 @@ def test_evaluate_modules_are_package_data():
 
 
 def test_classification_intervals_keys_values_and_runs():
-    intervals = classification_intervals(MULTICLASS_SCORES, MULTICLASS_LABELS, ["a", "b", "c"], n_resamples=200)
+    intervals = classification_intervals(MULTICLASS_SCORES, MULTICLASS_LABELS, ["a", "b", "c"], n_resamples=200,
+                                         min_positives=1)
     # class "c" has no positive: no per-class key, and the macro AUC averages a and b
     assert set(intervals) == {"macro_auc", "accuracy", "macro_f1", "auc/a", "auc/b"}
     reference = classification_metrics(MULTICLASS_SCORES, MULTICLASS_LABELS, ["a", "b", "c"])
@@ -354,7 +355,7 @@ def test_classification_intervals_keys_values_and_runs():
     assert intervals["auc/b"].value == pytest.approx(5.5 / 6)
     # (N, runs, C) scores: the metric is the mean over the runs
     runs = np.stack([MULTILABEL_SCORES, 1.0 - MULTILABEL_SCORES], axis=1)
-    averaged = classification_intervals(runs, MULTILABEL_LABELS, n_resamples=100)
+    averaged = classification_intervals(runs, MULTILABEL_LABELS, n_resamples=100, min_positives=1)
     assert averaged["auc/0"].value == pytest.approx((1.0 + 0.0) / 2)
     assert averaged["accuracy"].value == pytest.approx((7 / 8 + accuracy(1.0 - MULTILABEL_SCORES, MULTILABEL_LABELS)) / 2)
 
