@@ -105,9 +105,9 @@ class EvalArguments:
     )
     retrieval_texts: str | None = field(
         default=None,
-        metadata={"help": "Text gallery for image->text / text->image retrieval: a CSV in the CheXpert labeler's "
-                  "format (a Reports column and the 14 CheXpert columns), e.g. chexpert-labeler-iu/sentences-dev.csv. "
-                  "Default: the split's own reports, where it has some."},
+        metadata={"help": "Text gallery for image->text / text->image retrieval on tasks without reports of their "
+                  "own: a CSV in the CheXpert labeler's format (a Reports column and the 14 CheXpert columns), e.g. "
+                  "chexpert-labeler-iu/sentences-dev.csv; a text is relevant to a class it is positive for."},
     )
     max_retrieval_texts: int | None = field(
         default=None, metadata={"help": "Use at most this many distinct texts of --retrieval_texts (seeded)."}
@@ -214,22 +214,24 @@ def chexpert_columns(class_names) -> list[str | None]:
 
 
 def text_gallery(split, args: EvalArguments) -> tuple[list[str], np.ndarray] | None:
-    """`(texts, (M, C) 0/1 rows)`: the `--retrieval_texts` file's positive labels mapped onto the task's classes, or
-    the split's own distinct reports labelled by their images; `None` without texts."""
+    """`(texts, (M, C) 0/1 rows)`: the split's own distinct reports labelled by their images where it has some, else
+    the `--retrieval_texts` file's positive labels mapped onto the task's classes; `None` without texts."""
     num_classes = len(split.class_names)
-    if args.retrieval_texts:
-        table = pd.read_csv(args.retrieval_texts).dropna(subset=["Reports"]).drop_duplicates(subset="Reports")
-        if args.max_retrieval_texts and len(table) > args.max_retrieval_texts:
-            table = table.sample(n=args.max_retrieval_texts, random_state=args.seed)
-        columns = chexpert_columns(split.class_names)
-        rows = np.stack([(table[c].to_numpy() == 1.0) if c else np.zeros(len(table), bool) for c in columns], 1)
-        return list(table["Reports"].str.strip()), rows.astype(np.int32)
     labelled = {}
     for text, label in zip(split.texts or [], split.labels):
         if text and text.strip():
             row = np.asarray(label) > 0.5 if split.multilabel else np.eye(num_classes, dtype=bool)[label]
             labelled[text] = labelled.get(text, np.zeros(num_classes, bool)) | row
-    return (list(labelled), np.stack(list(labelled.values())).astype(np.int32)) if len(labelled) > 1 else None
+    if len(labelled) > 1:
+        return list(labelled), np.stack(list(labelled.values())).astype(np.int32)
+    if not args.retrieval_texts:
+        return None
+    table = pd.read_csv(args.retrieval_texts).dropna(subset=["Reports"]).drop_duplicates(subset="Reports")
+    if args.max_retrieval_texts and len(table) > args.max_retrieval_texts:
+        table = table.sample(n=args.max_retrieval_texts, random_state=args.seed)
+    columns = chexpert_columns(split.class_names)
+    rows = np.stack([(table[c].to_numpy() == 1.0) if c else np.zeros(len(table), bool) for c in columns], axis=1)
+    return list(table["Reports"].str.strip()), rows.astype(np.int32)
 
 
 def evaluate_zero_shot_task(task, split, models, processor, args, autocast, plots: Path) -> dict:
@@ -269,7 +271,7 @@ def evaluate_retrieval_task(task, split, models, processor, args, autocast, plot
             curves[f"{name}, {direction.replace('_to_', '->')}"] = {
                 int(metric.split("@")[1]): ci for metric, ci in scored["intervals"].items() if metric.startswith("precision@")
             }  # fmt: skip
-        if gallery and name == next(iter(models)):
+        if "image_to_text" in outcome and name == next(iter(models)):
             _plot_examples(task, split, gallery, outcome["image_to_text"]["indices"], name, plots)
     plot_precision_at_k(curves, plots / f"precision_at_k-{task.name}.png",
                         title=f"{task.name}: Precision@k by label agreement (shaded: 95% CI)")  # fmt: skip

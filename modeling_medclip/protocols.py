@@ -169,15 +169,18 @@ def _ranking_without_self(embeddings: torch.Tensor, k: int) -> np.ndarray:
 
 def _score_ranking(
     indices: np.ndarray, query_rows, gallery_rows, groups, ks, n_resamples: int, seed: int, exclude_self: bool = False
-) -> dict:
+) -> dict | None:
+    """Metrics and intervals of one direction; `None` when no query has a relevant gallery item."""
+    relevant = label_relevance(query_rows, gallery_rows)
+    if exclude_self:
+        np.fill_diagonal(relevant, False)
+    if not relevant.any():
+        return None
     usable = [k for k in ks if k <= indices.shape[1]]
     metrics = _evaluate_module("retrieval", "multilabel").compute(
         predictions=indices.tolist(), references=query_rows.tolist(), gallery_labels=gallery_rows.tolist(), ks=usable,
         exclude_self=exclude_self,
     )
-    relevant = label_relevance(query_rows, gallery_rows)
-    if exclude_self:
-        np.fill_diagonal(relevant, False)
     intervals = retrieval_intervals(indices, relevant, usable, groups=groups, n_resamples=n_resamples, seed=seed)
     return {"metrics": metrics, "intervals": intervals, "indices": indices}
 
@@ -201,7 +204,7 @@ def retrieval_protocol(
 
     Returns:
         `{"image_to_image": {...}, "image_to_text": {...}, "text_to_image": {...}}`, each `{"metrics", "intervals",
-        "indices"}` (the rankings, best first).
+        "indices"}` (the rankings, best first); a direction in which no query has a relevant item is left out.
     """
     image_rows = class_rows(labels, num_classes)
     results = {}
@@ -226,7 +229,7 @@ def retrieval_protocol(
         results["text_to_image"] = _score_ranking(
             indices.cpu().numpy(), text_rows[queries], image_rows, None, ks, n_resamples, seed
         )
-    return results
+    return {direction: scored for direction, scored in results.items() if scored is not None}
 
 
 def _micro_f1(reference: np.ndarray, predicted: np.ndarray, value: float) -> float:
