@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from transformers import Trainer, TrainingArguments
 
 from ..evaluation import load_images
@@ -96,7 +97,7 @@ def train_classifier(classifier, processor, images: Sequence, labels: np.ndarray
             per_device_train_batch_size=settings.per_device_train_batch_size, seed=seed, data_seed=seed,
             dataloader_num_workers=settings.num_workers, bf16=settings.bf16, save_strategy="no", report_to="none",
             logging_strategy="no", disable_tqdm=True, remove_unused_columns=False, max_grad_norm=1.0,
-            dataloader_pin_memory=False,
+            dataloader_pin_memory=False, use_cpu=PartialState().device.type == "cpu",
         )  # fmt: skip
         trainer = Trainer(
             model=classifier, args=arguments, train_dataset=_LabelledImages(images, labels),
