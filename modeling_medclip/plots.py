@@ -133,6 +133,30 @@ def _lines_with_bands(axis, curves: Mapping[str, Mapping]) -> None:
             axis.fill_between(xs, lows, highs, color=line.get_color(), alpha=0.2, linewidth=0)
 
 
+def _curves_figure(
+    curves: Mapping[str, Mapping], path, *, tick_label, xlabel: str, ylabel: str, title: str, chance: float | None,
+    chance_label: str, ylim: tuple[float, float] | None = None,
+) -> Path:
+    """Lines with CI bands over a log x axis whose ticks are the x values, labelled by `tick_label(x)`."""
+    figure = _figure(6.0, 4.0)
+    axis = figure.subplots()
+    _lines_with_bands(axis, curves)
+    if chance is not None:
+        axis.axhline(chance, linestyle=":", color="grey", label=f"{chance_label} ({chance:.2f})")
+    xs = sorted({x for points in curves.values() for x in points})
+    axis.set_xscale("log")
+    axis.set_xticks(xs, [tick_label(x) for x in xs])
+    axis.minorticks_off()
+    if ylim is not None:
+        axis.set_ylim(*ylim)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    axis.set_title(title, fontsize=10)
+    return _save(figure, path)
+
+
 def plot_precision_at_k(
     curves: Mapping[str, Mapping[int, float | ConfidenceInterval]], path: str | os.PathLike,
     title: str | None = None, chance: float | None = None,
@@ -140,24 +164,11 @@ def plot_precision_at_k(
     """Precision@k against k (log scale), one line per curve, e.g. `{"model A, image->text": {1: 0.4, 5: ...}}`;
     values given as [`ConfidenceInterval`]s get a shaded 95% band. `chance`: the precision of a random ranking
     (the fraction of relevant gallery items), drawn as a dotted line."""
-    figure = _figure(6.0, 4.0)
-    axis = figure.subplots()
-    _lines_with_bands(axis, curves)
-    if chance is not None:
-        axis.axhline(chance, linestyle=":", color="grey", label=f"random ranking ({chance:.2f})")
-    ks = sorted({k for points in curves.values() for k in points})
-    axis.set_xscale("log")
-    axis.set_xticks(ks, [str(k) for k in ks])
-    axis.minorticks_off()
-    axis.set_ylim(0, 1)
-    axis.set_xlabel("k (items retrieved)")
-    axis.set_ylabel("Precision@k")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    axis.set_title(
-        title or "Precision@k: share of the top k sharing the query's label\n(shaded: 95% bootstrap CI)", fontsize=10
-    )
-    return _save(figure, path)
+    return _curves_figure(
+        curves, path, tick_label=str, xlabel="k (items retrieved)", ylabel="Precision@k",
+        title=title or "Precision@k: share of the top k sharing the query's label\n(shaded: 95% bootstrap CI)",
+        chance=chance, chance_label="random ranking", ylim=(0, 1),
+    )  # fmt: skip
 
 
 def plot_label_efficiency(
@@ -167,21 +178,11 @@ def plot_label_efficiency(
     """A metric against the fraction of training labels used (log scale, shown in %), one line per model, e.g.
     `{"pretrained": {0.01: ci, 0.1: ci, 1.0: ci}, "random-init": {...}}`; [`ConfidenceInterval`] values get a shaded
     95% band. `chance`: the metric of an uninformed classifier (0.5 for AUC), drawn as a dotted line."""
-    figure = _figure(6.0, 4.0)
-    axis = figure.subplots()
-    _lines_with_bands(axis, curves)
-    if chance is not None:
-        axis.axhline(chance, linestyle=":", color="grey", label=f"chance ({chance:.2f})")
-    fractions = sorted({fraction for points in curves.values() for fraction in points})
-    axis.set_xscale("log")
-    axis.set_xticks(fractions, [f"{100 * fraction:g}%" for fraction in fractions])
-    axis.minorticks_off()
-    axis.set_xlabel("training labels used")
-    axis.set_ylabel(metric_name)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    axis.set_title(title or f"Label efficiency: test {metric_name} (shaded: 95% bootstrap CI)", fontsize=10)
-    return _save(figure, path)
+    return _curves_figure(
+        curves, path, tick_label=lambda fraction: f"{100 * fraction:g}%", xlabel="training labels used",
+        ylabel=metric_name, title=title or f"Label efficiency: test {metric_name} (shaded: 95% bootstrap CI)",
+        chance=chance, chance_label="chance",
+    )  # fmt: skip
 
 
 def _grayscale(image) -> np.ndarray:

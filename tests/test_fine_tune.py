@@ -2,7 +2,6 @@
 X-rays at two label fractions."""
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from conftest import tiny_config
@@ -18,12 +17,8 @@ def _classifier(seed: int, num_labels: int = 3, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def pneumonia(shared_data):
-    root = shared_data / "pediatric-pneumonia-cxr"
-    metadata = pd.read_csv(root / "metadata.csv", dtype={"patient_id": str})
-    patient_class = metadata.groupby("patient_id")["label"].first()
-    chosen = patient_class.groupby(patient_class).sample(n=16, random_state=0).index
-    subset = metadata[metadata["patient_id"].isin(chosen)].reset_index(drop=True)
+def pneumonia(pneumonia_patients):
+    subset, root = pneumonia_patients(16)
     classes = sorted(subset["label"].unique())
     return ([str(root / name) for name in subset["image"]], subset["label"].map(classes.index).to_numpy(),
             subset["patient_id"].to_numpy(), classes)  # fmt: skip

@@ -2,7 +2,6 @@
 random model's features on real pediatric pneumonia X-rays."""
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from conftest import tiny_config
@@ -106,15 +105,10 @@ def test_bad_probe_input_names_the_input():
 
 
 @pytest.fixture(scope="module")
-def pneumonia_subset(shared_data):
+def pneumonia_subset(pneumonia_patients):
     """60 patients of each pediatric-pneumonia class (normal / bacterial / viral), every image of them."""
-    root = shared_data / "pediatric-pneumonia-cxr"
-    metadata = pd.read_csv(root / "metadata.csv", dtype={"patient_id": str})
-    patient_class = metadata.groupby("patient_id")["label"].first()
-    chosen = patient_class.groupby(patient_class).sample(n=60, random_state=0).index
-    subset = metadata[metadata["patient_id"].isin(chosen)].reset_index(drop=True)
-    class_names = sorted(subset["label"].unique())
-    return root, subset, class_names
+    subset, root = pneumonia_patients(60)
+    return root, subset, sorted(subset["label"].unique())
 
 
 @pytest.mark.slow
