@@ -24,6 +24,7 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
 from scipy.stats import rankdata
@@ -32,6 +33,17 @@ from sklearn.metrics import accuracy_score, f1_score, hamming_loss, precision_re
 
 EVALUATE_MODULES = ("classification", "retrieval", "labeler_agreement")
 _EVALUATE_MODULES_DIR = Path(__file__).resolve().parent / "evaluate_metrics"
+
+
+EVALUATE_CONFIGS = ("default", "multiclass", "multilabel")
+
+
+def label_feature(config_name: str):
+    """The `datasets` feature of a label in the shipped evaluate modules' config `config_name`: a class id
+    (`multiclass`, the default) or a 0/1 row (`multilabel`)."""
+    if config_name not in EVALUATE_CONFIGS:
+        raise ValueError(f"config_name must be one of {EVALUATE_CONFIGS}, got {config_name!r}")
+    return datasets.Sequence(datasets.Value("int32")) if config_name == "multilabel" else datasets.Value("int32")
 
 
 def evaluate_module_path(name: str) -> str:
@@ -564,6 +576,7 @@ __all__ = [
     "classification_intervals",
     "classification_metrics",
     "evaluate_module_path",
+    "label_feature",
     "CHEXPERT_LABEL_VALUES",
     "label_relevance",
     "labeler_agreement",

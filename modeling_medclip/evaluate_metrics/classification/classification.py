@@ -13,7 +13,7 @@ Computed by `modeling_medclip.metrics.classification_metrics` (scikit-learn unde
 import datasets
 import evaluate
 
-from modeling_medclip.metrics import classification_metrics
+from modeling_medclip.metrics import classification_metrics, label_feature
 
 _DESCRIPTION = """Accuracy, macro-F1, and one-vs-rest ROC AUC per class and macro-averaged, of per-class scores
 (zero-shot probabilities, linear-probe or fine-tuned classifier outputs). Multi-class (config `multiclass`, the
@@ -35,17 +35,10 @@ Returns:
 _CITATION = """@article{scikit-learn, title={Scikit-learn: Machine Learning in {P}ython}, author={Pedregosa, F. and
 others}, journal={Journal of Machine Learning Research}, volume={12}, pages={2825--2830}, year={2011}}"""
 
-_CONFIGS = ("default", "multiclass", "multilabel")
-
-
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class Classification(evaluate.Metric):
     def _info(self):
-        if self.config_name not in _CONFIGS:
-            raise ValueError(f"config_name must be one of {_CONFIGS}, got {self.config_name!r}")
-        reference = (
-            datasets.Sequence(datasets.Value("int32")) if self.config_name == "multilabel" else datasets.Value("int32")
-        )
+        reference = label_feature(self.config_name)
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
             citation=_CITATION,

@@ -14,7 +14,7 @@ import datasets
 import evaluate
 import numpy as np
 
-from modeling_medclip.metrics import label_relevance, retrieval_metrics
+from modeling_medclip.metrics import label_feature, label_relevance, retrieval_metrics
 
 _DESCRIPTION = """Precision@k, Recall@k and mean reciprocal rank of rankings, a retrieved gallery item being relevant
 when it shares the query's label (multi-class, the default config: equal class ids; config `multilabel`: 0/1 rows
@@ -38,17 +38,10 @@ _CITATION = """@inproceedings{zhang2022convirt, title={Contrastive Learning of M
 Paired Images and Text}, author={Zhang, Yuhao and Jiang, Hang and Miura, Yasuhide and Manning, Christopher D. and
 Langlotz, Curtis P.}, booktitle={Machine Learning for Healthcare}, year={2022}}"""
 
-_CONFIGS = ("default", "multiclass", "multilabel")
-
-
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class Retrieval(evaluate.Metric):
     def _info(self):
-        if self.config_name not in _CONFIGS:
-            raise ValueError(f"config_name must be one of {_CONFIGS}, got {self.config_name!r}")
-        reference = (
-            datasets.Sequence(datasets.Value("int32")) if self.config_name == "multilabel" else datasets.Value("int32")
-        )
+        reference = label_feature(self.config_name)
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
             citation=_CITATION,
