@@ -337,8 +337,11 @@ def evaluate_label_efficiency_task(task, train, test, models, processor, args, a
     return results
 
 
-def flat_values(results: dict) -> dict:
-    return {name: getattr(value, "value", value) for name, value in results.items()}
+def card_metrics(protocol: str, result) -> dict[str, float]:
+    """The `model-index` values of one model on one task: every metric, or the macro AUC at each label fraction."""
+    if hasattr(result, "fractions"):
+        return {f"{protocol}_macro_auc@{100 * f.fraction:g}%": f.metrics["macro_auc"].value for f in result.fractions}
+    return {f"{protocol}_{name}": interval.value for name, interval in result.items()}
 
 
 def run_labeler(args: EvalArguments, output_dir: Path) -> dict:
@@ -360,7 +363,7 @@ def run_labeler(args: EvalArguments, output_dir: Path) -> dict:
     return outcome
 
 
-def write_card(args, models, processor, results, tables: str, plot_files: list[Path], output_dir: Path) -> Path:
+def write_card(args, models, results, tables: str, plot_files: list[Path]) -> Path:
     """Merges the results of the model whose folder is `--update_model_card` (else the first model) into its card."""
     folder = Path(args.update_model_card)
     folder.mkdir(parents=True, exist_ok=True)
@@ -375,16 +378,7 @@ def write_card(args, models, processor, results, tables: str, plot_files: list[P
     figures.mkdir(exist_ok=True)
     for path in plot_files:
         shutil.copy2(path, figures / path.name)
-    entries = {}
-    for task_name, by_model in results.items():
-        values = by_model[own]
-        if args.task in ("linear-probe", "fine-tune"):
-            values = {f"{args.task}_macro_auc@{100 * f.fraction:g}%": f.metrics["macro_auc"].value
-                      for f in values.fractions}  # fmt: skip
-        entries[task_name] = {
-            (name if args.task in ("linear-probe", "fine-tune") else f"{args.task}_{name}"): value
-            for name, value in flat_values(values).items()
-        }  # fmt: skip
+    entries = {task_name: card_metrics(args.task, by_model[own]) for task_name, by_model in results.items()}
     notes = (f"Evaluated with `run_eval.py --task {args.task}` on the patient-disjoint test patients (test size "
              f"{args.test_size}, split seed {args.split_seed}); 95% bootstrap CIs over patients ({args.n_resamples} "
              f"resamples). Research use only: not validated for clinical use.")  # fmt: skip
@@ -435,7 +429,7 @@ def main(argv: list[str] | None = None) -> dict:
     write_results_json(output_dir / "results.json", {**asdict(args), "autocast": str(autocast)}, serialisable)
     print(tables)
     if args.update_model_card:
-        write_card(args, models, processor, results, tables, sorted(plots.glob("*.png")), output_dir)
+        write_card(args, models, results, tables, sorted(plots.glob("*.png")))
         if args.push_to_hub:
             push_final(args.update_model_card, args.hub_model_id or first, revision=args.hub_revision,
                        commit_message=f"Add {args.task} evaluation results, tables and plots")  # fmt: skip

@@ -65,7 +65,7 @@ def plot_roc_curves(
     targets = _one_hot(labels, len(class_names))
     columns = min(len(class_names), 4)
     rows = math.ceil(len(class_names) / columns)
-    figure = _figure(3.2 * columns, 3.2 * rows + 0.4)
+    figure = _figure(3.2 * columns, 3.6 * rows + 0.4)
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
     for column, (axis, name) in enumerate(zip(axes, class_names)):
         positives = int(targets[:, column].sum())
