@@ -18,7 +18,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
-	$(BIN)/python -m pip install --quiet -e ".[test,dicom,augment,faiss]"
+	$(BIN)/python -m pip install --quiet -e ".[test,dicom,augment,faiss,demo]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -16,12 +16,16 @@ every evaluation task. The run and its outputs are described in `modeling_medcli
 import logging
 import sys
 
+from accelerate import PartialState
+
 from modeling_medclip.training import parse_args, results_table, train
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     result = train(parse_args(argv))
+    if not PartialState().is_main_process:
+        return 0
     print(f"\nHeld-out evaluation (patients never seen in training; train_runtime "
           f"{result.metrics['train_runtime']:.0f} s, {result.metrics['skipped_images']} unreadable images skipped):\n")
     print(results_table(result))

@@ -13,6 +13,7 @@ import logging
 import math
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
+from transformers.utils import logging as transformers_logging
 
 from dataset_scripts.sources import parse_sources
 
@@ -54,7 +56,7 @@ class TrainResult:
     final_model_dir: Path
     best_model_dir: Path | None
     global_step: int
-    metrics: dict[str, float]  # the last validation metrics, plus train_loss / train_runtime / skipped_images
+    metrics: dict[str, float]  # the last validation metrics (main process), train_loss / train_runtime / skipped_images
     initial_metrics: dict[str, float] = field(default_factory=dict)  # validation of the model before step 1
     hub_errors: list[str] = field(default_factory=list)
 
@@ -133,19 +135,20 @@ def build_accelerator(args: OptimizationArguments) -> Accelerator:
 
 def prepare_output_dir(args: OptimizationArguments, accelerator: Accelerator) -> Path:
     """`output_dir`, created. A non-empty one is refused unless the run resumes or `overwrite_output_dir` is set
-    (which deletes the previous run's checkpoints, best/, final/ and metrics)."""
+    (which deletes the previous run's checkpoints, best/, final/, eval_splits/ and metrics)."""
     output_dir = Path(args.output_dir)
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not args.resume_from_checkpoint:
-        if not args.overwrite_output_dir:
-            raise ValueError(
-                f"output_dir {output_dir} is not empty: pass --overwrite_output_dir to train into it anyway "
-                "(deleting its checkpoints, best/, final/ and metrics) or --resume_from_checkpoint latest to go on"
-            )
-        accelerator.wait_for_everyone()  # every process has seen the folder before the main one empties it
-        if accelerator.is_main_process:
-            for path in [*sorted_checkpoints(output_dir), *(output_dir / name for name in RUN_ARTEFACTS)]:
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    taken = output_dir.is_dir() and any(output_dir.iterdir()) and not args.resume_from_checkpoint
+    accelerator.wait_for_everyone()  # every process has looked before the main one writes anything
+    if taken and not args.overwrite_output_dir:
+        raise ValueError(
+            f"output_dir {output_dir} is not empty: pass --overwrite_output_dir to train into it anyway (deleting its "
+            "checkpoints, best/, final/ and metrics) or --resume_from_checkpoint latest to go on from its last checkpoint"
+        )
+    if taken and accelerator.is_main_process:
+        for path in [*sorted_checkpoints(output_dir), *(output_dir / name for name in RUN_ARTEFACTS)]:
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
     return output_dir
 
 
@@ -230,8 +233,26 @@ def save_checkpoint(run: Run, state: RunState) -> None:
     run.accelerator.wait_for_everyone()
 
 
+@contextmanager
+def transformers_progress_bars_disabled():
+    """No "Writing model shards" / "Loading weights" bars for every save and load of a run (restored afterwards)."""
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
+
+
 def train(args: PretrainArguments, accelerator: Accelerator | None = None) -> TrainResult:
     """Runs a pretraining described by `args` (see [`parse_args`]) and returns where the results are."""
+    with transformers_progress_bars_disabled():
+        return run_training(args, accelerator)
+
+
+def run_training(args: PretrainArguments, accelerator: Accelerator | None) -> TrainResult:
+    """The outline of a run: state, loop, validate, save, finish."""
     training_args = args.training
     accelerator = accelerator or build_accelerator(training_args)
     run, state = start_run(args, accelerator, prepare_output_dir(training_args, accelerator))
@@ -261,7 +282,7 @@ def train(args: PretrainArguments, accelerator: Accelerator | None = None) -> Tr
         if training_args.save_steps and state.global_step % training_args.save_steps == 0:
             save_checkpoint(run, state)
     progress.close()
-    if not state.last_metrics:  # resumed from the last checkpoint: nothing left to train
+    if not state.train_losses:  # resumed from the last checkpoint: nothing left to train (the same on every process)
         state.last_metrics = validate(run, state)
     return finish(run, state, time.perf_counter() - start)
 
