@@ -37,11 +37,11 @@ import pandas as pd
 import torch
 from transformers import AutoTokenizer, BertConfig, ResNetConfig, pipeline
 
+from dataset_scripts.paths import shared_data_dir
 from modeling_medclip import MedCLIPConfig, MedCLIPImageProcessor, MedCLIPModel, MedCLIPProcessor
 from modeling_medclip.protocols import autocast_dtype, embed_images_in_workers
 from modeling_medclip.zero_shot import ZeroShotClassifier
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 ONE_PROMPT = {
     "Atelectasis": "atelectasis at the lung bases",
     "Cardiomegaly": "enlarged cardiac silhouette",
@@ -49,10 +49,6 @@ ONE_PROMPT = {
     "Edema": "pulmonary edema",
     "Pleural Effusion": "pleural effusion",
 }
-
-
-def shared_data_dir() -> Path:
-    return Path(os.environ.get("MEDCLIP_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
 def cpu_model() -> str:
