@@ -156,6 +156,10 @@ class EvalArguments:
             raise ValueError(f"--task {self.task} needs --model_name_or_path with at least one saved model")
         if self.push_to_hub and not self.update_model_card:
             raise ValueError("--push_to_hub uploads the --update_model_card folder: give that folder")
+        labels = [model_label(name) for name in self.model_name_or_path]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"--model_name_or_path {self.model_name_or_path} gives the same column name twice "
+                             f"({labels}): the tables name models by their folder's last part")  # fmt: skip
 
 
 def model_label(name: str) -> str:

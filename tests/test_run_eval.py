@@ -174,3 +174,5 @@ def test_bad_arguments_are_refused():
         run_eval.main(["--task", "zero-shot", "--model_name_or_path", "random-init"])
     with pytest.raises(ValueError, match="--update_model_card"):
         run_eval.main(["--task", "labeler", "--push_to_hub"])
+    with pytest.raises(ValueError, match="same column name twice"):
+        run_eval.main(["--task", "zero-shot", "--model_name_or_path", "a/final", "b/final"])
