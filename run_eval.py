@@ -137,6 +137,9 @@ class EvalArguments:
     bf16: Literal["auto", "yes", "no"] = field(
         default="auto", metadata={"help": "bf16 autocast: auto = where the CPU (AVX512-BF16 / AMX) or GPU has it."}
     )
+    channels_last: bool = field(
+        default=True, metadata={"help": "Convolution weights and images channels-last (oneDNN's fast CPU layout)."}
+    )
     output_dir: str | None = field(
         default=None, metadata={"help": "Where results.json, results.md, plots/ and eval_splits/ go. Default: "
                                 "eval/<first model's name>-<task>."},
@@ -178,7 +181,8 @@ def load_models(args: EvalArguments, device: torch.device) -> tuple[dict, object
             model = AutoModel.from_config(config, trust_remote_code=args.trust_remote_code)
         else:
             model = AutoModel.from_pretrained(name, trust_remote_code=args.trust_remote_code)
-        models[model_label(name)] = model.to(device).eval()
+        model = model.to(device).eval()
+        models[model_label(name)] = model.to(memory_format=torch.channels_last) if args.channels_last else model
     return models, processor
 
 
@@ -243,7 +247,7 @@ def evaluate_zero_shot_task(task, split, models, processor, args, autocast, plot
     results, scores = {}, {}
     for name, model in models.items():
         embeddings = embed_images_in_workers(model, processor, split.images, args.batch_size, args.num_workers,
-                                             autocast)  # fmt: skip
+                                             autocast, args.channels_last)  # fmt: skip
         outcome = zero_shot_protocol(model, processor, embeddings, split.labels, split.class_names, prompts,
                                      groups=_groups(split), ensemble=args.ensemble, n_resamples=args.n_resamples,
                                      seed=args.bootstrap_seed)  # fmt: skip
@@ -262,7 +266,7 @@ def evaluate_retrieval_task(task, split, models, processor, args, autocast, plot
     results, curves = {}, {}
     for name, model in models.items():
         embeddings = embed_images_in_workers(model, processor, split.images, args.batch_size, args.num_workers,
-                                             autocast)  # fmt: skip
+                                             autocast, args.channels_last)  # fmt: skip
         text_embeddings = embed_texts(model, processor, gallery[0], args.batch_size) if gallery else None
         outcome = retrieval_protocol(
             embeddings, split.labels, len(split.class_names), text_embeddings=text_embeddings,
@@ -314,7 +318,7 @@ def evaluate_label_efficiency_task(task, train, test, models, processor, args, a
         if args.task == "linear-probe":
             def features(split):
                 loader = image_loader(processor, split.images, args.batch_size, args.num_workers)
-                return extract_features(model, loader, args.probe_features, autocast)
+                return extract_features(model, loader, args.probe_features, autocast, args.channels_last)
 
             results[name] = run_linear_probe(
                 ProbeData(features(train), train.labels, _groups(train), train.image_ids or None),

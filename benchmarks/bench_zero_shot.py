@@ -13,7 +13,8 @@ that a busy spell of the shared CPU does not hit one of them only, after one war
    tokenizes the candidate texts for every image), and the same under `torch.autocast(bfloat16)`;
 2. `run_eval.py`'s path (`modeling_medclip.protocols`): images decoded and preprocessed in `--num_workers`
    DataLoader workers while the model encodes the previous batch, prompts encoded once (`ZeroShotClassifier`), bf16
-   autocast where the hardware supports it (`autocast_dtype("auto")`: AVX512-BF16 / AMX CPUs, bf16 GPUs).
+   autocast where the hardware supports it (`autocast_dtype("auto")`: AVX512-BF16 / AMX CPUs, bf16 GPUs), the
+   model and images channels-last (a copy of the same weights), as `run_eval.py` runs it by default.
 
 Prints images/s of each, the ratio of run_eval's path to the best stock configuration in fp32 (the pipeline as
 users run it) and to the best stock configuration overall (bf16 included), the machine's CPU, and the largest score
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import os
 import platform
 import time
@@ -67,10 +69,11 @@ def image_paths(data_dir: Path, num_images: int) -> list[str]:
 
 
 def run_eval_path(model, processor, paths, batch_size: int, num_workers: int, dtype) -> torch.Tensor:
-    """What `run_eval.py --task zero-shot` does per task: prompts once, images through workers, scores."""
+    """What `run_eval.py --task zero-shot` does per task (its model is channels-last, as run_eval stores it): prompts
+    once, images through workers, scores."""
     with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
         classifier = ZeroShotClassifier(model, processor, {c: [p] for c, p in ONE_PROMPT.items()})
-    embeddings = embed_images_in_workers(model, processor, paths, batch_size, num_workers, autocast=dtype)
+    embeddings = embed_images_in_workers(model, processor, paths, batch_size, num_workers, dtype, channels_last=True)
     return classifier.classify_embeddings(embeddings).probs.float()
 
 
@@ -111,13 +114,14 @@ def main() -> None:
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     return stock_scores(stock(paths, candidate_labels=labels, hypothesis_template="{}"))
             contenders[f"stock pipeline, batch {batch_size}, {'bf16 autocast' if bf16 else 'fp32'}"] = (True, bf16, run)
+    channels_last_model = copy.deepcopy(model).to(memory_format=torch.channels_last)  # same weights
     contenders["run_eval.py path"] = (
         False, dtype is not None,
-        lambda: run_eval_path(model, processor, paths, args.batch_size, args.num_workers, dtype),
+        lambda: run_eval_path(channels_last_model, processor, paths, args.batch_size, args.num_workers, dtype),
     )
 
     with torch.no_grad():
-        run_eval_path(model, processor, paths[: args.batch_size], args.batch_size, 0, dtype)  # warm-up
+        run_eval_path(channels_last_model, processor, paths[: args.batch_size], args.batch_size, 0, dtype)  # warm-up
         seconds = dict.fromkeys(contenders, float("inf"))
         scores = {}
         for repeat in range(args.repeats):

@@ -140,16 +140,21 @@ def image_features(model, pixel_values: torch.Tensor, kind: Literal["pooled", "p
 
 
 def extract_features(
-    model, batches: Iterable, kind: Literal["pooled", "projection"] = "pooled", autocast_dtype: torch.dtype | None = None
+    model, batches: Iterable, kind: Literal["pooled", "projection"] = "pooled", autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
 ) -> np.ndarray:
     """Features of every image of `batches` (pixel value tensors, or dicts with `pixel_values`, e.g. a DataLoader
     over the collator), as one `(N, D)` float32 array. The model runs as it is (call `model.eval()` first), under
-    `torch.autocast(autocast_dtype)` when one is given."""
+    `torch.autocast(autocast_dtype)` when one is given; with `channels_last` the images are passed channels-last
+    (for a model moved to `memory_format=torch.channels_last`: oneDNN's fast convolution layout on CPUs)."""
     parameter = next(model.parameters())
+    num_channels = model.config.vision_config.num_channels
     chunks = []
     for batch in batches:
         pixel_values = batch["pixel_values"] if isinstance(batch, Mapping) else batch
         pixel_values = pixel_values.to(device=parameter.device, dtype=parameter.dtype)
+        if channels_last:
+            pixel_values = match_channels(pixel_values, num_channels).contiguous(memory_format=torch.channels_last)
         with torch.autocast(parameter.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             chunks.append(image_features(model, pixel_values, kind).float().cpu())
     if not chunks:

@@ -84,11 +84,12 @@ def image_loader(processor, images: Sequence, batch_size: int = 32, num_workers:
 
 def embed_images_in_workers(
     model, processor, images: Sequence, batch_size: int = 32, num_workers: int = 2,
-    autocast: torch.dtype | None = None,
+    autocast: torch.dtype | None = None, channels_last: bool = False,
 ) -> torch.Tensor:
-    """`(N, projection_dim)` L2-normalised image embeddings, images decoded in DataLoader workers."""
+    """`(N, projection_dim)` L2-normalised image embeddings, images decoded in DataLoader workers (`channels_last`:
+    see [`extract_features`])."""
     loader = image_loader(processor, images, batch_size, num_workers)
-    return torch.from_numpy(extract_features(model, loader, kind="projection", autocast_dtype=autocast))
+    return torch.from_numpy(extract_features(model, loader, "projection", autocast, channels_last))
 
 
 def read_prompt_file(path: str | os.PathLike) -> dict:
