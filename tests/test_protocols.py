@@ -1,6 +1,7 @@
 """Tests of `modeling_medclip.protocols` on real pediatric pneumonia X-rays with a tiny random model, and on
 embeddings whose answer is known."""
 
+import copy
 import json
 
 import numpy as np
@@ -56,6 +57,9 @@ def test_worker_embeddings_equal_the_in_process_ones(model_and_processor, pneumo
     in_workers = embed_images_in_workers(model, processor, paths, batch_size=10, num_workers=2)
     in_process = embed_images(model, processor, [processor.image_processor.to_grayscale(p) for p in paths], 10)
     assert torch.allclose(in_workers, in_process, atol=1e-5)
+    channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    assert torch.allclose(embed_images_in_workers(channels_last, processor, paths, 10, 0, channels_last=True),
+                          in_process, atol=1e-5)  # fmt: skip
     if bf16_supported(torch.device("cpu")):
         bf16 = embed_images_in_workers(model, processor, paths, 10, 1, autocast=torch.bfloat16)
         assert F.cosine_similarity(bf16, in_process).min() > 0.98
