@@ -205,7 +205,7 @@ def plot_retrieval_examples(
             relevant sentences (sharing the query's label) are printed in green with a check mark, others in red.
         path: the PNG file to write.
         title: the figure's title.
-        wrap: characters per line of a sentence.
+        wrap: characters per line of a sentence (at most 3 lines are shown).
     """
     if not len(images) == len(query_labels) == len(retrieved):
         raise ValueError(f"{len(images)} images, {len(query_labels)} labels and {len(retrieved)} result lists differ")
@@ -222,10 +222,12 @@ def plot_retrieval_examples(
         y = 0.95
         for rank, (sentence, sentence_label, relevant) in enumerate(sentences, start=1):
             mark, colour = ("\u2713", "darkgreen") if relevant else ("\u2717", "firebrick")
-            lines = textwrap.wrap(f"{rank}. {mark} [{sentence_label}] {sentence}", wrap) or [""]
-            text_axis.text(0.0, y, "\n".join(lines), va="top", ha="left", fontsize=8.5, color=colour,
-                           transform=text_axis.transAxes)
-            y -= 0.11 * len(lines) + 0.06
+            lines = textwrap.wrap(f"{rank}. {mark} [{sentence_label}] {sentence}", wrap, max_lines=3,
+                                  placeholder=" ...") or [""]
+            text = text_axis.text(0.0, y, "\n".join(lines), va="top", ha="left", fontsize=8.5, color=colour,
+                                  transform=text_axis.transAxes)
+            text.set_in_layout(False)  # long texts are cut at 3 lines; they never squeeze the image column
+            y -= 0.085 * len(lines) + 0.05
     figure.suptitle(
         title or "Top retrieved report sentences per query image (green \u2713: shares the query's label)", fontsize=10
     )
