@@ -1,9 +1,9 @@
 """Evaluation of a pretrained dual encoder: zero-shot classification and retrieval on a labelled split, a results table.
 
 The functions take a model, its processor and plain Python data (images as paths or PIL images, texts, class ids or
-multi-hot label vectors), so the training loop (periodic validation) and `run_eval.py` share them; which corpus a
-split comes from is the business of the task registry (`dataset_scripts.tasks`). [`evaluate_split`] runs both
-protocols on one labelled split:
+multi-hot label vectors), for the training loop's periodic validation (`run_eval.py` runs the protocols with
+confidence intervals of `modeling_medclip.protocols`); which corpus a split comes from is the business of the task
+registry (`dataset_scripts.tasks`). [`evaluate_split`] runs both protocols on one labelled split:
 
 - zero-shot classification with a prompt set per class (multi-class: softmax over the classes; multi-label: each class
   against its negated prompts): accuracy and macro ROC AUC;

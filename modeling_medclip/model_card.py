@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -27,11 +28,14 @@ def template_path() -> Path:
     return Path(str(resources.files("modeling_medclip").joinpath(TEMPLATE_NAME)))
 
 
-def eval_results(results: dict[str, float], dataset_name: str) -> list[EvalResult]:
-    """Hub eval results of the finite float metrics of `results`, all on `dataset_name`."""
+def eval_results(
+    results: dict[str, float], dataset_name: str, task_type: str = "zero-shot-image-classification"
+) -> list[EvalResult]:
+    """Hub eval results of the finite float metrics of `results`, all on `dataset_name` and of `task_type` (a Hub
+    task id: `zero-shot-image-classification`, `image-classification`, `image-to-text`, ...)."""
     return [
         EvalResult(
-            task_type="zero-shot-image-classification",
+            task_type=task_type,
             dataset_type=dataset_name,
             dataset_name=dataset_name,
             metric_type=name,
@@ -101,17 +105,26 @@ def merge_evaluation(
     title: str,
     results_table: str,
     notes: str | None = None,
+    task_type: str = "zero-shot-image-classification",
+    images: Sequence[str] = (),
 ) -> Path:
-    """Adds an evaluation to the card at `card_path`: its `model-index` results replace those of the same datasets
-    and metrics (others are kept), and a `### {title}` subsection (table and notes) is added under the card's
-    Evaluation section, replacing a subsection of the same title."""
+    """Adds an evaluation to the card at `card_path`: its `model-index` results replace those of the same task type,
+    datasets and metrics (others are kept), and a `### {title}` subsection (table, notes and the `images`, paths
+    relative to the card's folder) is added under the card's Evaluation section, replacing a subsection of the same
+    title."""
     card_path = Path(card_path)
     card = ModelCard.load(card_path)
-    kept = [entry for entry in card.data.eval_results or [] if entry.dataset_name not in results]
-    card.data.eval_results = kept + [entry for dataset, values in results.items() for entry in eval_results(values, dataset)]
+    kept = [
+        entry for entry in card.data.eval_results or []
+        if not (entry.task_type == task_type and entry.metric_type in results.get(entry.dataset_name, {}))
+    ]  # fmt: skip
+    card.data.eval_results = kept + [
+        entry for dataset, values in results.items() for entry in eval_results(values, dataset, task_type)
+    ]
     if card.data.eval_results and not card.data.model_name:
         card.data.model_name = card_path.parent.name
-    section = f"### {title}\n\n{results_table}\n" + (f"\n{notes}\n" if notes else "")
+    figures = "".join(f"\n![{Path(image).stem}]({image})\n" for image in images)
+    section = f"### {title}\n\n{results_table}\n" + (f"\n{notes}\n" if notes else "") + figures
     text = card.text
     existing = re.compile(rf"^### {re.escape(title)}\n.*?(?=^##|\Z)", flags=re.MULTILINE | re.DOTALL)
     if existing.search(text):

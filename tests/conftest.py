@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from hub_server import hub_server_fixture  # noqa: F401  (the `hub_server` fixture for every test file)
 
@@ -68,3 +69,18 @@ def tiny_config(model_type: str = "medclip", vision: str = "resnet", **kwargs):
     return config_class(
         vision_config=tiny_vision_config(vision), text_config=tiny_text_config(), projection_dim=16, **kwargs
     )
+
+
+@pytest.fixture(scope="session")
+def pneumonia_patients(shared_data):
+    """`sample(patients_per_class)`: every image of that many seeded random pediatric-pneumonia patients of each class
+    (normal / bacterial / viral), as `(metadata rows, folder)`."""
+    root = shared_data / "pediatric-pneumonia-cxr"
+    metadata = pd.read_csv(root / "metadata.csv", dtype={"patient_id": str})
+    patient_class = metadata.groupby("patient_id")["label"].first()
+
+    def sample(patients_per_class: int):
+        chosen = patient_class.groupby(patient_class).sample(n=patients_per_class, random_state=0).index
+        return metadata[metadata["patient_id"].isin(chosen)].reset_index(drop=True), root
+
+    return sample

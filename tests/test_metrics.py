@@ -1,13 +1,38 @@
-"""Tests of `modeling_medclip.metrics`: bootstrap confidence intervals on hand-checkable cases."""
+"""Tests of `modeling_medclip.metrics` and its `evaluate` modules: bootstrap confidence intervals, classification,
+retrieval and labeler-agreement metrics on hand-checkable cases."""
 
+import fnmatch
+import json
+import os
+import subprocess
+import sys
+import tomllib
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import f1_score, roc_auc_score
 
-from modeling_medclip.metrics import ConfidenceInterval, bootstrap_ci
+from modeling_medclip.metrics import (
+    EVALUATE_MODULES,
+    ConfidenceInterval,
+    accuracy,
+    bootstrap_ci,
+    classification_intervals,
+    classification_metrics,
+    evaluate_module_path,
+    label_relevance,
+    labeler_agreement,
+    macro_auc,
+    macro_f1,
+    retrieval_intervals,
+    retrieval_metrics,
+    roc_auc_columns,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _random_scores(num_patients: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -123,3 +148,225 @@ def test_too_few_defined_resamples_is_a_clear_error():
 def test_bad_input_names_the_input(arrays, kwargs, message):
     with pytest.raises(ValueError, match=message):
         bootstrap_ci(roc_auc_score, *arrays, **kwargs)
+
+
+# ------------------------------------------------------------------------------------ classification metrics
+
+MULTICLASS_SCORES = np.array([[0.7, 0.2, 0.1], [0.2, 0.5, 0.3], [0.6, 0.3, 0.1], [0.1, 0.3, 0.6], [0.3, 0.4, 0.3]])
+MULTICLASS_LABELS = np.array([0, 1, 1, 0, 1])  # class "c" has no positive: its AUC is undefined
+MULTILABEL_SCORES = np.array([[0.9, 0.2], [0.4, 0.6], [0.7, 0.8], [0.1, 0.3]])
+MULTILABEL_LABELS = np.array([[1, 0], [0, 1], [1, 0], [0, 0]])
+
+
+def test_multiclass_classification_metrics_by_hand():
+    result = classification_metrics(MULTICLASS_SCORES, MULTICLASS_LABELS, class_names=["a", "b", "c"])
+    # argmax [0, 1, 0, 2, 1] against [0, 1, 1, 0, 1]: 3 of 5 right
+    assert result["accuracy"] == pytest.approx(0.6)
+    # F1: a: TP 1, FP 1, FN 1 -> 0.5; b: TP 2, FP 0, FN 1 -> 0.8; c: one false positive -> 0
+    assert result["macro_f1"] == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+    # AUC a: positives .7 .1 against negatives .2 .6 .3: 3 of 6 pairs; b: .5 .3 .4 against .2 .3: 5.5 of 6 (one tie)
+    assert result["per_class_auc"]["a"] == pytest.approx(0.5)
+    assert result["per_class_auc"]["b"] == pytest.approx(5.5 / 6)
+    assert np.isnan(result["per_class_auc"]["c"])
+    assert result["macro_auc"] == pytest.approx((0.5 + 5.5 / 6) / 2)
+    # the bootstrap's macro AUC is strict: undefined while a class lacks positives, unless left out
+    assert np.isnan(macro_auc(MULTICLASS_SCORES, MULTICLASS_LABELS))
+    assert macro_auc(MULTICLASS_SCORES, MULTICLASS_LABELS, columns=[0, 1]) == pytest.approx(result["macro_auc"])
+
+
+def test_multilabel_classification_metrics_by_hand():
+    result = classification_metrics(MULTILABEL_SCORES, MULTILABEL_LABELS)
+    # decisions at 0.5: [[1, 0], [0, 1], [1, 1], [0, 0]]: 7 of 8 entries right
+    assert result["accuracy"] == pytest.approx(7 / 8)
+    # F1 class 0: perfect; class 1: TP 1, FP 1 -> 2/3
+    assert result["macro_f1"] == pytest.approx((1 + 2 / 3) / 2)
+    # AUC class 0: .9 .7 above .4 .1 -> 1; class 1: .6 against .2 .8 .3 -> 2/3
+    assert result["per_class_auc"] == pytest.approx({"0": 1.0, "1": 2 / 3})
+    assert accuracy(MULTILABEL_SCORES, MULTILABEL_LABELS, threshold=0.95) == pytest.approx(5 / 8)
+    assert macro_f1(MULTILABEL_SCORES, MULTILABEL_LABELS, threshold=0.65) == pytest.approx((1 + 0) / 2)
+
+
+@pytest.mark.parametrize("multilabel", [False, True])
+def test_fast_bootstrap_metrics_equal_scikit_learn(multilabel):
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 5, size=(200, 4)) / 4  # coarse scores: many ties
+    labels = rng.integers(0, 2, size=(200, 4)) if multilabel else rng.integers(0, 4, size=200)
+    targets = labels if multilabel else np.eye(4, dtype=int)[labels]
+    decisions = scores >= 0.5 if multilabel else np.eye(4, dtype=int)[scores.argmax(axis=1)]
+    expected_aucs = [roc_auc_score(targets[:, c], scores[:, c]) for c in range(4)]
+    assert roc_auc_columns(scores, labels) == pytest.approx(expected_aucs)
+    assert macro_auc(scores, labels) == pytest.approx(np.mean(expected_aucs))
+    assert macro_f1(scores, labels) == pytest.approx(f1_score(targets, decisions, average="macro", zero_division=0))
+    reference = classification_metrics(scores, labels)
+    assert accuracy(scores, labels) == pytest.approx(reference["accuracy"])
+    assert macro_f1(scores, labels) == pytest.approx(reference["macro_f1"])
+
+
+@pytest.mark.parametrize(
+    "scores, labels, message",
+    [
+        (np.zeros(4), np.zeros(4), "`scores` must have shape"),
+        (np.zeros((4, 2)), np.zeros(3), r"`labels` must have shape \(4,\)"),
+        (np.zeros((4, 2)), np.array([0, 1, 2, 0]), r"class ids in \[0, 2\)"),
+        (np.zeros((4, 2)), np.zeros((4, 3)), "or \\(4, 2\\)"),
+    ],
+)
+def test_classification_bad_input(scores, labels, message):
+    with pytest.raises(ValueError, match=message):
+        classification_metrics(scores, labels)
+
+
+# ------------------------------------------------------------------------------------------------ retrieval
+
+def _two_queries_over_sixty_items():
+    """Gallery item i has class i % 3; both queries rank the gallery in index order; queries of class 0 and 1."""
+    gallery_labels = [i % 3 for i in range(60)]
+    ranking = [list(range(60)), list(range(60))]
+    return ranking, [0, 1], gallery_labels
+
+
+# Class-0 items among the first 1 / 5 / 10 / 50: 1, 2, 4, 17 (of 20); class-1: 0, 2, 3, 17; first class-1 at rank 2.
+EXPECTED_RETRIEVAL = {
+    "precision@1": (1 + 0) / 2, "recall@1": (1 / 20 + 0) / 2,
+    "precision@5": (2 / 5 + 2 / 5) / 2, "recall@5": (2 / 20 + 2 / 20) / 2,
+    "precision@10": (4 / 10 + 3 / 10) / 2, "recall@10": (4 / 20 + 3 / 20) / 2,
+    "precision@50": 17 / 50, "recall@50": 17 / 20,
+    "mrr": (1 + 1 / 2) / 2,
+}
+
+
+def test_retrieval_metrics_at_the_issue_cutoffs_by_hand():
+    ranking, query_labels, gallery_labels = _two_queries_over_sixty_items()
+    relevant = label_relevance(np.array(query_labels), np.array(gallery_labels))
+    assert retrieval_metrics(ranking, relevant, ks=(1, 5, 10, 50)) == pytest.approx(EXPECTED_RETRIEVAL)
+
+
+# ------------------------------------------------------------------------------------------ labeler agreement
+
+LABELER_CLASSES = ["No Finding", "Cardiomegaly", "Edema"]
+NAN = float("nan")
+REFERENCE_LABELS = [[1.0, 0.0, NAN], [NAN, 1.0, -1.0], [NAN, 1.0, 0.0], [NAN, -1.0, 1.0]]
+LABELER_LABELS = [[1.0, 0.0, 0.0], [None, 1.0, 1.0], [None, None, 0.0], [None, -1.0, -1.0]]
+
+
+def test_labeler_agreement_by_hand():
+    result = labeler_agreement(LABELER_LABELS, REFERENCE_LABELS, LABELER_CLASSES, micro_classes=LABELER_CLASSES[1:])
+    cardiomegaly, edema = result["per_class"]["Cardiomegaly"], result["per_class"]["Edema"]
+    # Cardiomegaly positive: reference in reports 1, 2, labeler in report 1 only
+    assert cardiomegaly["positive"] == pytest.approx({"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 2})
+    assert cardiomegaly["negative"]["f1"] == cardiomegaly["uncertain"]["f1"] == 1.0
+    # Edema: positive in report 3 vs 1 (miss and false alarm), negative in 2 vs 0 and 2, uncertain in 1 vs 3
+    assert edema["positive"] == pytest.approx({"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1})
+    assert edema["negative"] == pytest.approx({"precision": 0.5, "recall": 1.0, "f1": 2 / 3, "support": 1})
+    # No Finding is never negative: precision and recall undefined
+    assert all(np.isnan(result["per_class"]["No Finding"]["negative"][key]) for key in ("precision", "recall", "f1"))
+    # micro over the two findings: positive TP 1, FP 1, FN 2; negative TP 2, FP 1; uncertain TP 1, FP 1, FN 1
+    micro = result["micro"]
+    assert micro["positive"] == pytest.approx({"precision": 0.5, "recall": 1 / 3, "f1": 0.4, "support": 3})
+    assert micro["negative"] == pytest.approx({"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "support": 2})
+    assert micro["uncertain"] == pytest.approx({"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2})
+    # pooling No Finding too adds one agreeing positive
+    every_class = labeler_agreement(LABELER_LABELS, REFERENCE_LABELS, LABELER_CLASSES)
+    assert every_class["micro"]["positive"]["f1"] == pytest.approx(2 * 2 / (2 * 2 + 1 + 2))
+
+
+@pytest.mark.parametrize(
+    "predicted, kwargs, message",
+    [
+        ([[2.0, 0.0, 0.0]] * 4, {}, "values other than"),
+        ([[1.0, 0.0]] * 4, {}, "differ in shape"),
+        (LABELER_LABELS, {"class_names": ["a", "b"]}, "2 names for 3 columns"),
+        (LABELER_LABELS, {"class_names": LABELER_CLASSES, "micro_classes": ["Edemaa"]}, "Edemaa"),
+    ],
+)
+def test_labeler_agreement_bad_input(predicted, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        labeler_agreement(predicted, REFERENCE_LABELS, **kwargs)
+
+
+# ------------------------------------------------------------------------------------ shipped evaluate modules
+
+def test_evaluate_modules_load_offline_and_match_the_hand_computations(tmp_path):
+    """`evaluate.load(<path>)` of every shipped module, in a fresh process with the Hub switched off."""
+    script = tmp_path / "load_modules.py"
+    script.write_text(
+        "import json, evaluate\n"
+        "from modeling_medclip.metrics import evaluate_module_path\n"
+        "args = json.loads(open(0).read())\n"
+        "out = {}\n"
+        "for key, (name, config, inputs) in args.items():\n"
+        "    out[key] = evaluate.load(evaluate_module_path(name), config).compute(**inputs)\n"
+        "print(json.dumps(out))\n"
+    )
+    ranking, query_labels, gallery_labels = _two_queries_over_sixty_items()
+    inputs = {
+        "multiclass": ("classification", None, {
+            "prediction_scores": MULTICLASS_SCORES.tolist(), "references": MULTICLASS_LABELS.tolist(),
+            "class_names": ["a", "b", "c"]}),
+        "multilabel": ("classification", "multilabel", {
+            "prediction_scores": MULTILABEL_SCORES.tolist(), "references": MULTILABEL_LABELS.tolist()}),
+        "retrieval": ("retrieval", None, {
+            "predictions": ranking, "references": query_labels, "gallery_labels": gallery_labels}),
+        "labeler": ("labeler_agreement", None, {
+            "predictions": LABELER_LABELS, "references": [[None if np.isnan(v) else v for v in row]
+                                                          for row in REFERENCE_LABELS],
+            "class_names": LABELER_CLASSES, "micro_classes": LABELER_CLASSES[1:]}),
+    }
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_HOME": str(tmp_path / "hf-home"), "PYTHONPATH": str(REPO_ROOT)}
+    completed = subprocess.run(
+        [sys.executable, str(script)], input=json.dumps(inputs), capture_output=True, text=True, env=env,
+        cwd=tmp_path, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr
+    out = json.loads(completed.stdout.strip().splitlines()[-1])
+    # float32 features: the scores go through Arrow as float32
+    assert out["multiclass"]["accuracy"] == pytest.approx(0.6)
+    assert out["multiclass"]["macro_auc"] == pytest.approx((0.5 + 5.5 / 6) / 2)
+    assert out["multiclass"]["macro_f1"] == pytest.approx((0.5 + 0.8) / 3)
+    assert out["multilabel"]["accuracy"] == pytest.approx(7 / 8)
+    assert out["multilabel"]["per_class_auc"] == pytest.approx({"0": 1.0, "1": 2 / 3})
+    assert out["retrieval"] == pytest.approx(EXPECTED_RETRIEVAL)
+    assert out["labeler"]["micro"]["negative"] == pytest.approx(
+        {"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "support": 2}
+    )
+
+
+def test_evaluate_modules_are_package_data():
+    """Every shipped module sits where pyproject.toml's package-data patterns put it into the wheel."""
+    package_data = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    package_dir = REPO_ROOT / "modeling_medclip"
+    for name in EVALUATE_MODULES:
+        relative = Path(evaluate_module_path(name)).relative_to(package_dir).as_posix()
+        assert Path(evaluate_module_path(name)).is_file()
+        assert any(fnmatch.fnmatch(relative, pattern) for pattern in package_data["modeling_medclip"]), relative
+    with pytest.raises(ValueError, match="accuracy"):
+        evaluate_module_path("accuracy")
+
+
+def test_classification_intervals_keys_values_and_runs():
+    intervals = classification_intervals(MULTICLASS_SCORES, MULTICLASS_LABELS, ["a", "b", "c"], n_resamples=200,
+                                         min_positives=1)
+    # class "c" has no positive: no per-class key, and the macro AUC averages a and b
+    assert set(intervals) == {"macro_auc", "accuracy", "macro_f1", "auc/a", "auc/b"}
+    reference = classification_metrics(MULTICLASS_SCORES, MULTICLASS_LABELS, ["a", "b", "c"])
+    for name in ("macro_auc", "accuracy", "macro_f1"):
+        assert intervals[name].value == pytest.approx(reference[name])
+    assert intervals["auc/b"].value == pytest.approx(5.5 / 6)
+    # (N, runs, C) scores: the metric is the mean over the runs
+    runs = np.stack([MULTILABEL_SCORES, 1.0 - MULTILABEL_SCORES], axis=1)
+    averaged = classification_intervals(runs, MULTILABEL_LABELS, n_resamples=100, min_positives=1)
+    assert averaged["auc/0"].value == pytest.approx((1.0 + 0.0) / 2)
+    assert averaged["accuracy"].value == pytest.approx((7 / 8 + accuracy(1.0 - MULTILABEL_SCORES, MULTILABEL_LABELS)) / 2)
+
+
+def test_retrieval_intervals_resample_query_patients():
+    ranking, query_labels, gallery_labels = _two_queries_over_sixty_items()
+    ranking, query_labels = ranking * 20, query_labels * 20  # 40 queries, 20 patients of two queries each
+    relevant = label_relevance(np.array(query_labels), np.array(gallery_labels))
+    intervals = retrieval_intervals(ranking, relevant, groups=np.arange(40) // 2, n_resamples=200)
+    assert set(intervals) == set(EXPECTED_RETRIEVAL)
+    for name, expected in EXPECTED_RETRIEVAL.items():
+        assert intervals[name].value == pytest.approx(expected)
+    # every patient has one query of each class: every resample has the same mix, so the interval is a point
+    assert intervals["precision@1"].low == intervals["precision@1"].high == 0.5

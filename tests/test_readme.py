@@ -88,7 +88,7 @@ def prepare(command: str, scratch) -> tuple[list[str], dict]:
     if any(word.endswith("run_pretrain.py") for word in words):
         words += SMOKE_FLAGS
     if any(word.endswith("run_eval.py") for word in words):
-        words += ["--max_eval_images", "16", "--prompts_per_class", "2"]
+        words += ["--max_eval_images", "16", "--max_train_images", "120", "--prompts_per_class", "2", "--n_resamples", "50"]
     return words, env
 
 

@@ -6,7 +6,7 @@ from transformers import get_scheduler
 from ..modeling_medclip import DualEncoderModel
 from .arguments import OptimizationArguments
 
-HEAD_PREFIXES = ("visual_projection.", "text_projection.", "logit_scale", "logit_bias")
+HEAD_PREFIXES = ("visual_projection.", "text_projection.", "logit_scale", "logit_bias", "classifier.")
 PEFT_PREFIX = "base_model.model."  # where a PeftModel keeps the wrapped model
 
 
@@ -15,7 +15,8 @@ def _no_decay(name: str, parameter: torch.nn.Parameter) -> bool:
 
 
 def parameter_groups(model: DualEncoderModel, args: OptimizationArguments) -> list[dict]:
-    """AdamW groups: towers / heads (own learning rates) x decay / no decay (norms, biases, logit scale and bias).
+    """AdamW groups: towers / heads (projections, logit scale, a classifier's head: own learning rates) x decay / no
+    decay (norms, biases, logit scale and bias).
 
     Frozen parameters (`requires_grad=False`, e.g. ConVIRT's first text layers, or the base of a `PeftModel`) are left
     out of the optimizer. In a `PeftModel` names are read without its `base_model.model.` prefix, so heads trained

@@ -1,0 +1,185 @@
+"""Fine-tuning a dual encoder's image tower end to end as a classifier, with a fraction of the training labels.
+
+The data-efficiency protocol of ConVIRT's fine-tuning experiments, beside the linear probe
+([`modeling_medclip.linear_probe`]), on the same patient split and the same label draws: for every label fraction
+and seed, a `...ForImageClassification` model (the pretrained vision tower, or the untrained architecture for
+`random-init`, and a new linear head) is trained on `fraction` of the fit part's images and scores the test images.
+
+The training loop is transformers' `Trainer` (which runs on Accelerate), with this package's optimizer and schedule
+([`build_optimizer`]: AdamW groups with the head at `head_learning_rate`; [`build_scheduler`]:
+`transformers.get_scheduler`); images are decoded in DataLoader workers; no checkpoint is written.
+"""
+
+import math
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from transformers import Trainer, TrainingArguments
+
+from ..evaluation import load_images
+from ..linear_probe import (
+    DEFAULT_SEEDS,
+    LABEL_FRACTIONS,
+    LabelEfficiencyResult,
+    ProbeRun,
+    label_fraction,
+    patient_split,
+    summarise_fraction,
+)
+from ..metrics import classification_metrics
+from ..protocols import image_loader
+from .arguments import OptimizationArguments
+from .optim import build_optimizer, build_scheduler
+
+
+@dataclass
+class FineTuneSettings:
+    """Training settings of every fine-tuning run (the optimizer fields keep [`OptimizationArguments`]' names)."""
+
+    num_train_epochs: float = 1.0
+    per_device_train_batch_size: int = 16
+    learning_rate: float = 1e-4
+    head_learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: int = 0
+    num_workers: int = 2
+    bf16: bool = False
+
+    def optimization_arguments(self) -> OptimizationArguments:
+        return OptimizationArguments(
+            learning_rate=self.learning_rate, head_learning_rate=self.head_learning_rate,
+            weight_decay=self.weight_decay, lr_scheduler_type=self.lr_scheduler_type, warmup_steps=self.warmup_steps,
+            num_train_epochs=self.num_train_epochs, per_device_train_batch_size=self.per_device_train_batch_size,
+        )  # fmt: skip
+
+
+class _LabelledImages(torch.utils.data.Dataset):
+    def __init__(self, images: Sequence, labels: np.ndarray):
+        self.images, self.labels = list(images), labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": self.images[index], "label": self.labels[index]}
+
+
+class _Collate:
+    """Decodes and preprocesses a batch in the DataLoader worker; labels as class ids or float multi-hot rows."""
+
+    def __init__(self, processor):
+        self.image_processor = getattr(processor, "image_processor", processor)
+
+    def __call__(self, examples: list[dict]) -> dict:
+        pixel_values = self.image_processor(images=load_images([e["image"] for e in examples]), return_tensors="pt")
+        labels = np.stack([e["label"] for e in examples])
+        labels = torch.as_tensor(labels, dtype=torch.float32 if labels.ndim == 2 else torch.long)
+        return {"pixel_values": pixel_values["pixel_values"], "labels": labels}
+
+
+def train_classifier(classifier, processor, images: Sequence, labels: np.ndarray, settings: FineTuneSettings,
+                     seed: int = 0):
+    """Trains `classifier` on `images` / `labels` for `settings.num_train_epochs` with the package's optimizer and
+    schedule; returns it in eval mode."""
+    steps_per_epoch = math.ceil(len(images) / settings.per_device_train_batch_size)
+    num_steps = max(1, math.ceil(steps_per_epoch * settings.num_train_epochs))
+    optimization = settings.optimization_arguments()
+    optimizer = build_optimizer(classifier, optimization)
+    scheduler = build_scheduler(optimizer, optimization, num_steps)
+    with tempfile.TemporaryDirectory(prefix="medclip-fine-tune-") as scratch:
+        arguments = TrainingArguments(
+            output_dir=scratch, num_train_epochs=settings.num_train_epochs,
+            per_device_train_batch_size=settings.per_device_train_batch_size, seed=seed, data_seed=seed,
+            dataloader_num_workers=settings.num_workers, bf16=settings.bf16, save_strategy="no", report_to="none",
+            logging_strategy="no", disable_tqdm=True, remove_unused_columns=False, max_grad_norm=1.0,
+            dataloader_pin_memory=False, use_cpu=PartialState().device.type == "cpu",
+        )  # fmt: skip
+        trainer = Trainer(
+            model=classifier, args=arguments, train_dataset=_LabelledImages(images, labels),
+            data_collator=_Collate(processor), optimizers=(optimizer, scheduler),
+        )  # fmt: skip
+        trainer.train()
+    return classifier.eval()
+
+
+@torch.no_grad()
+def classifier_scores(classifier, processor, images: Sequence, multilabel: bool, batch_size: int = 32,
+                      num_workers: int = 2, autocast: torch.dtype | None = None) -> np.ndarray:
+    """`(N, C)` class probabilities (softmax, or sigmoid per class when multi-label) of `images`."""
+    device = next(classifier.parameters()).device
+    chunks = []
+    for batch in image_loader(processor, images, batch_size, num_workers):
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            logits = classifier(pixel_values=batch["pixel_values"].to(device)).logits.float()
+        chunks.append(logits.sigmoid() if multilabel else logits.softmax(dim=-1))
+    return torch.cat(chunks).cpu().numpy()
+
+
+def run_fine_tune(
+    build_classifier: Callable[[int], torch.nn.Module],
+    processor,
+    train_images: Sequence, train_labels, train_groups,
+    test_images: Sequence, test_labels, test_groups,
+    *,
+    settings: FineTuneSettings | None = None,
+    fractions: Sequence[float] = LABEL_FRACTIONS,
+    seeds: Mapping[float, int] | None = None,
+    validation_size: float = 0.2,
+    split_seed: int = 0,
+    class_names: Sequence[str] | None = None,
+    image_ids: Sequence[str] | None = None,
+    n_resamples: int = 1000,
+    ci_seed: int = 0,
+    autocast: torch.dtype | None = None,
+) -> LabelEfficiencyResult:
+    """Fine-tuning at every label fraction, with the linear probe's split and label draws.
+
+    Args:
+        build_classifier: `seed -> classifier` (a fresh `...ForImageClassification` model per run).
+        processor: the image processor (or a processor holding one).
+        train_images, train_labels, train_groups: the training patients' images, `(N,)` class ids or `(N, C)` 0/1
+            rows, and patient ids. Split like the probe's: the validation patients are left out (no model selection
+            is made on them), labels are drawn from the fit part.
+        test_images, test_labels, test_groups: the test patients, scored with patient-level bootstrap CIs.
+        settings: the training settings of every run.
+        fractions, seeds, validation_size, split_seed: as [`run_linear_probe`].
+        class_names, image_ids: class names for the per-class keys; ids of the training images for the split ids.
+        n_resamples, ci_seed, autocast: bootstrap settings; autocast dtype of the test scoring.
+
+    Returns:
+        [`LabelEfficiencyResult`], its `split_ids` holding the fit and validation image ids.
+    """
+    settings = settings or FineTuneSettings()
+    train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
+    ids = [str(i) for i in (image_ids if image_ids is not None else range(len(train_images)))]
+    seeds = {**DEFAULT_SEEDS, **(seeds or {})}
+    fit, validation = patient_split(train_labels, train_groups, validation_size, split_seed)
+    results = []
+    for fraction in fractions:
+        runs, seed_scores = [], []
+        for seed in range(seeds.get(fraction, 1)):
+            chosen = fit[label_fraction(train_labels[fit], fraction, seed)]
+            torch.manual_seed(seed)
+            classifier = train_classifier(
+                build_classifier(seed), processor, [train_images[i] for i in chosen], train_labels[chosen], settings,
+                seed,
+            )  # fmt: skip
+            scores = classifier_scores(classifier, processor, test_images, test_labels.ndim == 2,
+                                       num_workers=settings.num_workers, autocast=autocast)  # fmt: skip
+            metrics = classification_metrics(scores, test_labels, class_names)
+            runs.append(ProbeRun(fraction, seed, {"num_train_epochs": settings.num_train_epochs}, len(chosen), None,
+                                 metrics, [ids[i] for i in chosen]))  # fmt: skip
+            seed_scores.append(scores)
+        results.append(summarise_fraction(
+            fraction, runs, seed_scores, test_labels, test_groups, class_names, n_resamples, ci_seed
+        ))  # fmt: skip
+    split_ids = {"fit": [ids[i] for i in fit], "validation": [ids[i] for i in validation]}
+    return LabelEfficiencyResult(results, split_ids)
+
+
+__all__ = ["FineTuneSettings", "classifier_scores", "run_fine_tune", "train_classifier"]

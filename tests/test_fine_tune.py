@@ -1,0 +1,76 @@
+"""Tests of `modeling_medclip.training.fine_tune`: a 1-epoch fine-tune of a tiny model on real pediatric pneumonia
+X-rays at two label fractions."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+
+from modeling_medclip import MedCLIPForImageClassification, MedCLIPImageProcessor
+from modeling_medclip.training.fine_tune import FineTuneSettings, classifier_scores, run_fine_tune, train_classifier
+from modeling_medclip.training.optim import parameter_groups
+
+
+def _classifier(seed: int, num_labels: int = 3, **kwargs):
+    torch.manual_seed(seed)
+    return MedCLIPForImageClassification(tiny_config(num_labels=num_labels, **kwargs))
+
+
+@pytest.fixture(scope="module")
+def pneumonia(pneumonia_patients):
+    subset, root = pneumonia_patients(16)
+    classes = sorted(subset["label"].unique())
+    return ([str(root / name) for name in subset["image"]], subset["label"].map(classes.index).to_numpy(),
+            subset["patient_id"].to_numpy(), classes)  # fmt: skip
+
+
+def test_the_head_trains_at_the_head_learning_rate():
+    settings = FineTuneSettings(learning_rate=1e-4, head_learning_rate=1e-2)
+    groups = parameter_groups(_classifier(0), settings.optimization_arguments())
+    head = [group for group in groups if group["group_name"].startswith("head")]
+    assert head and all(group["lr"] == 1e-2 for group in head)
+    assert all(group["lr"] == 1e-4 for group in groups if group["group_name"].startswith("tower"))
+
+
+def test_training_changes_the_weights_and_lowers_the_loss(pneumonia):
+    images, labels, _, _ = pneumonia
+    processor = MedCLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32)
+    classifier = _classifier(0)
+    before = {name: p.detach().clone() for name, p in classifier.named_parameters()}
+    batch = processor(images=images[:16], return_tensors="pt")["pixel_values"]
+    targets = torch.tensor(labels[:16])
+    with torch.no_grad():
+        loss_before = classifier.eval()(pixel_values=batch, labels=targets).loss.item()
+    settings = FineTuneSettings(num_train_epochs=3, per_device_train_batch_size=8, num_workers=0,
+                                learning_rate=1e-3, head_learning_rate=1e-2)  # fmt: skip
+    train_classifier(classifier, processor, images[:16], labels[:16], settings)
+    with torch.no_grad():
+        loss_after = classifier(pixel_values=batch, labels=targets).loss.item()
+    assert loss_after < loss_before
+    changed = [name for name, p in classifier.named_parameters() if not torch.equal(p, before[name])]
+    assert any(name.startswith("vision_model.") for name in changed) and "classifier.weight" in changed
+    scores = classifier_scores(classifier, processor, images[:5], multilabel=False, num_workers=0)
+    assert scores.shape == (5, 3) and np.allclose(scores.sum(axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_one_epoch_fine_tune_at_two_fractions(pneumonia):
+    images, labels, patients, classes = pneumonia
+    processor = MedCLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32)
+    test_patients = set(np.unique(patients)[::4])
+    test = np.array([p in test_patients for p in patients])
+    result = run_fine_tune(
+        _classifier, processor,
+        [images[i] for i in np.flatnonzero(~test)], labels[~test], patients[~test],
+        [images[i] for i in np.flatnonzero(test)], labels[test], patients[test],
+        settings=FineTuneSettings(num_train_epochs=1, per_device_train_batch_size=8, num_workers=1),
+        fractions=(0.1, 1.0), seeds={0.1: 2}, class_names=classes, n_resamples=100,
+    )  # fmt: skip
+    ten_percent, full = result.fractions
+    assert [len(ten_percent.runs), len(full.runs)] == [2, 1]
+    assert full.runs[0].num_train_images == len(result.split_ids["fit"])
+    assert ten_percent.runs[0].num_train_images == round(0.1 * len(result.split_ids["fit"]))
+    assert set(result.split_ids["fit"]).isdisjoint(result.split_ids["validation"])
+    for fraction in result.fractions:
+        for ci in fraction.metrics.values():
+            assert 0.0 <= ci.low <= ci.value <= ci.high <= 1.0
