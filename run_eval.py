@@ -34,6 +34,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageClassification,
 
 from dataset_scripts.paths import shared_data_dir
 from dataset_scripts.tasks import expand_tasks, tasks_help
+from modeling_medclip.adapters import apply_adapters
 from modeling_medclip.eval_report import comparison_table, label_efficiency_table, write_results_json
 from modeling_medclip.hub import push_final
 from modeling_medclip.labeler import CHEXPERT_CLASSES, CheXpertLabeler
@@ -124,6 +125,12 @@ class EvalArguments:
     fine_tune_batch_size: int = field(default=16, metadata={"help": "fine-tune: images per optimizer step."})
     fine_tune_learning_rate: float = field(default=1e-4, metadata={"help": "fine-tune: learning rate of the tower."})
     fine_tune_head_learning_rate: float = field(default=1e-3, metadata={"help": "fine-tune: that of the head."})
+    peft: Literal["lora", "dora", "ia3"] | None = field(
+        default=None,
+        metadata={"help": "fine-tune: train adapters through peft on the vision tower (and the new head) instead of "
+                  "the whole tower."},
+    )
+    peft_rank: int = field(default=8, metadata={"help": "fine-tune: LoRA / DoRA rank of --peft."})
     reference_labels: str | None = field(
         default=None,
         metadata={"help": "labeler: the reference labels (CheXpert CSV format). Default: the shared "
@@ -198,8 +205,10 @@ def classifier_builder(args: EvalArguments, label: str, num_labels: int, multila
         torch.manual_seed(seed)
         if source == RANDOM_INIT:
             config = AutoConfig.from_pretrained(first, **kwargs)
-            return AutoModelForImageClassification.from_config(config, trust_remote_code=args.trust_remote_code)
-        return AutoModelForImageClassification.from_pretrained(source, **kwargs)
+            model = AutoModelForImageClassification.from_config(config, trust_remote_code=args.trust_remote_code)
+        else:
+            model = AutoModelForImageClassification.from_pretrained(source, **kwargs)
+        return apply_adapters(model, method=args.peft, towers=("vision",), r=args.peft_rank) if args.peft else model
 
     return build
 

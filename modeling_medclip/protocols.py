@@ -68,7 +68,7 @@ class _Preprocess:
         self.image_processor = getattr(processor, "image_processor", processor)
 
     def __call__(self, images: list) -> dict:
-        return self.image_processor(images=load_images(images), return_tensors="pt")
+        return self.image_processor(images=list(load_images(images, self.image_processor)), return_tensors="pt")
 
 
 def image_loader(processor, images: Sequence, batch_size: int = 32, num_workers: int = 2) -> DataLoader:

@@ -140,6 +140,24 @@ def test_one_epoch_fine_tune(model_dir, tmp_path, shared_data):
     assert "| 100% |" in (out / "results.md").read_text()
 
 
+def test_fine_tune_with_lora_trains_only_the_adapter_and_the_head(model_dir, tmp_path, shared_data):
+    from peft import PeftModel
+    from transformers import HfArgumentParser
+
+    argv = ["--task", "fine-tune", "--model_name_or_path", str(model_dir), "--eval_tasks", "pediatric-pneumonia",
+            "--peft", "lora", "--peft_rank", "4"]  # fmt: skip
+    (args,) = HfArgumentParser(run_eval.EvalArguments).parse_args_into_dataclasses(args=argv)
+    classifier = run_eval.classifier_builder(args, "tiny-medclip", 2, multilabel=False)(0)
+    assert isinstance(classifier, PeftModel)
+    trainable = {name for name, parameter in classifier.named_parameters() if parameter.requires_grad}
+    assert trainable and all("lora_" in name or "classifier" in name for name in trainable)
+    out = tmp_path / "fine-tune-lora"
+    results = run_eval.main([*argv, "--label_fractions", "1.0", "--fine_tune_epochs", "1", "--max_train_images", "64",
+                             "--max_eval_images", "40", "--output_dir", str(out), *FAST])  # fmt: skip
+    (full,) = results["pediatric-pneumonia"]["tiny-medclip"].fractions
+    assert full.runs[0].num_train_images > 0 and 0.0 <= full.metrics["macro_auc"].value <= 1.0
+
+
 def test_labeler_agreement_task(tmp_path, shared_data):
     reference = pd.read_csv(shared_data / "chexpert-labeler-iu" / "reports-dev.csv").head(80)
     reference.to_csv(tmp_path / "reference.csv", index=False)

@@ -76,7 +76,8 @@ class _Collate:
         self.image_processor = getattr(processor, "image_processor", processor)
 
     def __call__(self, examples: list[dict]) -> dict:
-        pixel_values = self.image_processor(images=load_images([e["image"] for e in examples]), return_tensors="pt")
+        images = list(load_images([e["image"] for e in examples], self.image_processor))
+        pixel_values = self.image_processor(images=images, return_tensors="pt")
         labels = np.stack([e["label"] for e in examples])
         labels = torch.as_tensor(labels, dtype=torch.float32 if labels.ndim == 2 else torch.long)
         return {"pixel_values": pixel_values["pixel_values"], "labels": labels}
