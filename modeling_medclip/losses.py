@@ -97,6 +97,7 @@ def semantic_matching_loss(
     image_labels: torch.Tensor,
     text_labels: torch.Tensor,
     label_similarity_scale: float = 1.0,
+    normalize_label_vectors: bool = False,
 ) -> torch.Tensor:
     """MedCLIP's semantic matching loss on decoupled image and text batches.
 
@@ -104,12 +105,18 @@ def semantic_matching_loss(
     report with the same findings count as a match even when they come from different patients; the loss is the
     soft cross-entropy in both directions, averaged.
 
+    With MedCLIP's binary label vectors and `s = 1` the similarities of a batch differ by about 1, so the targets are
+    close to uniform and the loss can barely move from `log(B)`. With `normalize_label_vectors` the label vectors are
+    L2-normalised first (the similarity becomes the cosine of the label vectors, in `[0, 1]` for non-negative labels;
+    an all-zero vector stays zero), so `s` alone sets how sharp the targets are (`s` around 10 trains well).
+
     Args:
         logits_per_image: `(B_img, B_txt)` scaled similarities.
         logits_per_text: `(B_txt, B_img)`, the transpose of `logits_per_image`.
         image_labels: `(B_img, C)` label vectors of the images (e.g. the 14 CheXpert findings).
         text_labels: `(B_txt, C)` label vectors of the texts, from the report labeler.
         label_similarity_scale: `s` above (1.0 in MedCLIP).
+        normalize_label_vectors: L2-normalise both label vectors before their dot product (MedCLIP: `False`).
 
     Returns:
         A scalar tensor.
@@ -127,7 +134,10 @@ def semantic_matching_loss(
             f"image and text label vectors have different numbers of classes: {image_labels.shape[1]} vs "
             f"{text_labels.shape[1]}"
         )
-    label_similarity = label_similarity_scale * (image_labels.float() @ text_labels.float().T)
+    image_labels, text_labels = image_labels.float(), text_labels.float()
+    if normalize_label_vectors:
+        image_labels, text_labels = F.normalize(image_labels, dim=1), F.normalize(text_labels, dim=1)
+    label_similarity = label_similarity_scale * (image_labels @ text_labels.T)
     image_targets = label_similarity.softmax(dim=1).to(logits_per_image.dtype)
     text_targets = label_similarity.T.softmax(dim=1).to(logits_per_text.dtype)
     return (soft_cross_entropy(logits_per_image, image_targets) + soft_cross_entropy(logits_per_text, text_targets)) / 2

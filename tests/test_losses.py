@@ -41,12 +41,8 @@ def test_convirt_loss_weights_the_two_directions():
     assert convirt_loss(LOGITS, LOGITS.T, 0.5).item() == pytest.approx(clip_loss(LOGITS, LOGITS.T).item(), abs=1e-6)
 
 
-def test_semantic_loss_matches_hand_computation():
-    # 2 images, 3 texts, 2 classes: image 0 has class 0, image 1 both classes; texts: class 0, class 1, none.
-    logits = torch.tensor([[1.0, 0.0, -1.0], [0.5, 2.0, 0.0]])
-    image_labels = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
-    text_labels = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
-    similarity = [[1, 0, 0], [1, 1, 0]]  # image_labels @ text_labels.T written out
+def _semantic_loss_by_hand(logits: torch.Tensor, similarity: list[list[float]]) -> float:
+    """The semantic loss written out: soft cross-entropy against the row-softmax of `similarity`, both ways."""
 
     def softmax(values):
         total = sum(math.exp(v) for v in values)
@@ -59,13 +55,38 @@ def test_semantic_loss_matches_hand_computation():
         ]
         return sum(losses) / len(losses)
 
-    rows = logits.tolist()
-    cols = logits.T.tolist()
-    image_side = soft_xent(rows, [softmax(r) for r in similarity])
-    text_side = soft_xent(cols, [softmax(list(c)) for c in zip(*similarity)])
-    expected = (image_side + text_side) / 2
-    loss = semantic_matching_loss(logits, logits.T, image_labels, text_labels)
-    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    image_side = soft_xent(logits.tolist(), [softmax(r) for r in similarity])
+    text_side = soft_xent(logits.T.tolist(), [softmax(list(c)) for c in zip(*similarity)])
+    return (image_side + text_side) / 2
+
+
+# 2 images, 3 texts, 2 classes: image 0 has class 0, image 1 both classes; texts: class 0, class 1, none.
+SEMANTIC_LOGITS = torch.tensor([[1.0, 0.0, -1.0], [0.5, 2.0, 0.0]])
+IMAGE_LABELS = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+TEXT_LABELS = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+
+
+def test_semantic_loss_matches_hand_computation():
+    similarity = [[1, 0, 0], [1, 1, 0]]  # image_labels @ text_labels.T written out
+    loss = semantic_matching_loss(SEMANTIC_LOGITS, SEMANTIC_LOGITS.T, IMAGE_LABELS, TEXT_LABELS)
+    assert loss.item() == pytest.approx(_semantic_loss_by_hand(SEMANTIC_LOGITS, similarity), abs=1e-6)
+
+
+def test_semantic_loss_with_normalized_label_vectors_matches_hand_computation():
+    # cosines of the label vectors: image 1 = (1, 1) / sqrt(2) against text 0 = (1, 0) gives 1 / sqrt(2); the
+    # all-zero text stays at 0; then scaled by 10
+    r = 1 / math.sqrt(2)
+    similarity = [[10 * 1, 0, 0], [10 * r, 10 * r, 0]]
+    loss = semantic_matching_loss(
+        SEMANTIC_LOGITS, SEMANTIC_LOGITS.T, IMAGE_LABELS, TEXT_LABELS, 10.0, normalize_label_vectors=True
+    )
+    assert loss.item() == pytest.approx(_semantic_loss_by_hand(SEMANTIC_LOGITS, similarity), abs=1e-6)
+    # a label vector's length no longer matters: doubling one image's labels leaves the loss unchanged
+    doubled = semantic_matching_loss(
+        SEMANTIC_LOGITS, SEMANTIC_LOGITS.T, IMAGE_LABELS * torch.tensor([[2.0], [1.0]]), TEXT_LABELS, 10.0,
+        normalize_label_vectors=True,
+    )  # fmt: skip
+    assert doubled.item() == pytest.approx(loss.item(), abs=1e-6)
 
 
 def test_semantic_loss_equals_infonce_for_identity_labels_with_large_scale():
@@ -138,3 +159,16 @@ def test_gather_with_grad_is_identity_without_process_group():
     tensor = torch.randn(4, 3, requires_grad=True)
     gathered = gather_with_grad(tensor)
     assert gathered is tensor
+
+
+def test_model_loss_follows_normalize_label_vectors_in_config():
+    from conftest import tiny_config
+
+    from modeling_medclip import MedCLIPModel
+
+    logits = torch.randn(4, 6)
+    image_labels, text_labels = torch.randint(0, 2, (4, 14)).float(), torch.randint(0, 2, (6, 14)).float()
+    for normalize in (False, True):
+        model = MedCLIPModel(tiny_config(label_similarity_scale=10.0, normalize_label_vectors=normalize))
+        expected = semantic_matching_loss(logits, logits.T, image_labels, text_labels, 10.0, normalize)
+        assert model.compute_loss(logits, logits.T, image_labels, text_labels).item() == pytest.approx(expected.item())
