@@ -41,22 +41,22 @@ def test_convirt_loss_weights_the_two_directions():
     assert convirt_loss(LOGITS, LOGITS.T, 0.5).item() == pytest.approx(clip_loss(LOGITS, LOGITS.T).item(), abs=1e-6)
 
 
-def _semantic_loss_by_hand(logits: torch.Tensor, similarity: list[list[float]]) -> float:
-    """The semantic loss written out: soft cross-entropy against the row-softmax of `similarity`, both ways."""
+def _semantic_loss_by_hand(logits: torch.Tensor, similarity: list[list[float | None]]) -> float:
+    """The semantic loss written out: soft cross-entropy against the row-softmax of `similarity`, both ways; a `None`
+    similarity is a masked pair, left out of both softmaxes."""
 
-    def softmax(values):
-        total = sum(math.exp(v) for v in values)
-        return [math.exp(v) / total for v in values]
+    def row_loss(logit_row, similarity_row):
+        kept = [j for j, value in enumerate(similarity_row) if value is not None]
+        total = sum(math.exp(similarity_row[j]) for j in kept)
+        kept_logits = [logit_row[j] for j in kept]
+        return -sum(math.exp(similarity_row[j]) / total * _log_softmax_at(kept_logits, n) for n, j in enumerate(kept))
 
-    def soft_xent(logit_rows, target_rows):
-        losses = [
-            -sum(t * _log_softmax_at(row, j) for j, t in enumerate(targets))
-            for row, targets in zip(logit_rows, target_rows)
-        ]
+    def side(logit_rows, similarity_rows):
+        losses = [row_loss(r, s) for r, s in zip(logit_rows, similarity_rows)]
         return sum(losses) / len(losses)
 
-    image_side = soft_xent(logits.tolist(), [softmax(r) for r in similarity])
-    text_side = soft_xent(logits.T.tolist(), [softmax(list(c)) for c in zip(*similarity)])
+    image_side = side(logits.tolist(), similarity)
+    text_side = side(logits.T.tolist(), [list(column) for column in zip(*similarity)])
     return (image_side + text_side) / 2
 
 
@@ -87,6 +87,27 @@ def test_semantic_loss_with_normalized_label_vectors_matches_hand_computation():
         normalize_label_vectors=True,
     )  # fmt: skip
     assert doubled.item() == pytest.approx(loss.item(), abs=1e-6)
+
+
+def test_semantic_loss_masks_pairs_that_depend_on_an_ignored_label():
+    # text 0 has class 0 ignored (NaN): its pair with image 0 (class 0) is undecided and masked; its pair with image 1
+    # (class 1 only) is decided (text 0 does not have class 1), a negative
+    image_labels = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    text_labels = torch.tensor([[float("nan"), 0.0], [0.0, 1.0], [0.0, 0.0]])
+    similarity = [[None, 0, 0], [0, 1, 0]]
+    loss = semantic_matching_loss(SEMANTIC_LOGITS, SEMANTIC_LOGITS.T, image_labels, text_labels)
+    assert loss.item() == pytest.approx(_semantic_loss_by_hand(SEMANTIC_LOGITS, similarity), abs=1e-6)
+    written_zero = semantic_matching_loss(SEMANTIC_LOGITS, SEMANTIC_LOGITS.T, image_labels, text_labels.nan_to_num(0.0))
+    assert abs(written_zero.item() - loss.item()) > 1e-3  # 0 would make the pair a negative
+    normalized = semantic_matching_loss(
+        SEMANTIC_LOGITS, SEMANTIC_LOGITS.T, image_labels, text_labels, 10.0, normalize_label_vectors=True
+    )
+    assert normalized.item() == pytest.approx(
+        _semantic_loss_by_hand(SEMANTIC_LOGITS, [[None, 0, 0], [0, 10, 0]]), abs=1e-6
+    )
+    logits = SEMANTIC_LOGITS.clone().requires_grad_(True)
+    semantic_matching_loss(logits, logits.T, image_labels, text_labels).backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad[0, 0] == 0  # a masked pair gets no gradient
 
 
 def test_semantic_loss_equals_infonce_for_identity_labels_with_large_scale():
