@@ -40,7 +40,7 @@ from dataset_scripts.pairing import DecoupledBatches
 from modeling_medclip.augmentation import build_augmentation
 from modeling_medclip.collator import MedCLIPCollator
 from modeling_medclip.evaluation import load_images
-from modeling_medclip.labeler import CHEXPERT_CLASSES
+from modeling_medclip.labeler import CHEXPERT_CLASSES, CheXpertLabeler
 from modeling_medclip.prompts import generate_prompts, multilabel_prompts
 from modeling_medclip.training import ContrastiveTrainer, ModelArguments, TrainingArguments, build_model_and_processor
 from modeling_medclip.zero_shot import ZeroShotClassifier
@@ -98,6 +98,7 @@ TRIALS = {
     "nih-x3": {"sources": {"pediatric-pneumonia": 1, "nih-cxr14": 3}},
     "with-covid": {"sources": {"pediatric-pneumonia": 1, "nih-cxr14": 1, "covid-cxr": 1}},
     "uncertain-negative": {"uncertain": "negative"},
+    "uncertain-ignore": {"uncertain": "ignore"},
 }
 
 
@@ -153,8 +154,16 @@ def search_splits(name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def text_stream(uncertain: str):
-    """The IU report sentences with their sentence-level labels, materialised once (the labeler runs once)."""
-    sentences = list(report_sentences(build_iu_xray(DATA_DIR / "iu-xray-reports"), uncertain=uncertain))
+    """The IU report sentences with their sentence-level labels, materialised once (the labeler runs once).
+
+    `uncertain`: the labeler's policies `positive` / `negative`, or `ignore`: NaN, which the semantic loss masks."""
+    policy = "positive" if uncertain == "ignore" else uncertain
+    sentences = list(report_sentences(build_iu_xray(DATA_DIR / "iu-xray-reports"), uncertain=policy))
+    if uncertain == "ignore":
+        labeler = CheXpertLabeler()
+        for sentence in sentences:
+            labels = labeler.label_sentence(sentence["text"])
+            sentence["labels"] = [float("nan") if labels[c] == -1.0 else v for c, v in zip(CHEXPERT_CLASSES, sentence["labels"])]
     return Dataset.from_list(sentences).to_iterable_dataset(num_shards=8)
 
 
@@ -323,6 +332,25 @@ def semantic_targets_logits(image_labels, text_labels, scale: float, normalize: 
     return scale * image_labels @ text_labels.T
 
 
+def results_table(path: str) -> str:
+    """The recorded trials as a Markdown table: what each changed from `BASE` and the validation numbers."""
+    lines = [
+        "| trial | change from base | pneumonia AUC | NIH macro AUC | NIH abnormal AUC | loss first -> last 10 steps | wall s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for line in Path(path).read_text().splitlines():
+        record = json.loads(line)
+        changes = {k: v for k, v in record["settings"].items() if BASE.get(k) != v}
+        metrics = record["validation"]
+        lines.append(
+            f"| {record['trial']} | {json.dumps(changes) if changes else '-'} | "
+            f"{metrics['pediatric-pneumonia_pneumonia_auc']:.3f} | {metrics['nih_macro_auc']:.3f} | "
+            f"{metrics['nih_abnormal_auc']:.3f} | {record['loss_first10']:.2f} -> {record['loss_last10']:.2f} | "
+            f"{record['wall_seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def _cpu_model() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
         if line.startswith("model name"):
@@ -337,11 +365,15 @@ def main() -> None:
     parser.add_argument("--output", default=str(REPO_ROOT / "benchmarks" / "results" / "recipe_search.jsonl"))
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads.")
     parser.add_argument("--list", action="store_true", help="Print the trials and exit.")
+    parser.add_argument("--table", action="store_true", help="Print the trials recorded in --output and exit.")
     parser.add_argument(
         "--measure_targets", action="store_true",
         help="Print how far the semantic loss can fall below log B with each label similarity, and exit.",
     )  # fmt: skip
     args = parser.parse_args()
+    if args.table:
+        print(results_table(args.output))
+        return
     if args.list:
         print(json.dumps({"base": BASE, **{k: v for k, v in TRIALS.items() if k != "base"}}, indent=1))
         return
