@@ -10,24 +10,19 @@ run.
 """
 
 import argparse
-import os
 import time
-from pathlib import Path
 
 import kornia.augmentation as K
 import numpy as np
 import PIL.Image
 import torch
 
+from dataset_scripts.paths import shared_data_dir
 from modeling_medclip.augmentation import build_augmentation
 from modeling_medclip.image_processing_medclip import MedCLIPImageProcessor, pad_to_square
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
-
-def shared_data_dir() -> Path:
-    return Path(os.environ.get("MEDCLIP_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
 def kornia_convirt(processor: MedCLIPImageProcessor, size: int) -> K.AugmentationSequential:

@@ -15,6 +15,14 @@ Measured in one run, on the real chest X-rays with notes of `shared/data/covid-c
    `--train-steps` timed steps, with torch's default threads. Target: the loader >= 3x its images/s. The two are
    measured one after the other on the same CPUs; in training they would share them.
 
+4. **Two sources mixed**: MedCLIP's decoupled stream over two image sources mixed 0.5 / 0.5 by
+   `dataset_scripts.sources.image_stream` (`--mix`, default covid-cxr + pediatric-pneumonia; `interleave_datasets` with
+   probabilities, every source seen once per epoch) with the IU report sentences as texts: bare decode vs the
+   "medclip" loader at `decode_size`. Target: the loader >= 3x the training step. Then one pass (no decoding) of two
+   *parquet* sources interleaved by weight, as `load_dataset` streams them and re-wrapped as generator streams
+   (`as_generator_stream`, what the Hub sources of training go through): the first waits datasets'
+   `SLEEP_TIME_ON_THREADS_SHUTDOWN` (5 s) per pass, the second does not.
+
 Loader rates are the best of `--repeats` full passes, each including the start of the workers (as an epoch with
 `persistent_workers=False`, which `PairedBatches` needs for `set_epoch`).
 
@@ -33,16 +41,16 @@ The datasets 5.2 traps of the data issue, and how this measurement stays clear o
   it;
 - a streamed `imagefolder` has one shard, so only one worker reads: the stream here has 8 shards, and the script
   prints which workers produced batches;
-- `interleave_datasets` feature types and `split_dataset_by_node` after `all_exhausted`: not used (one process, one
-  stream).
+- `interleave_datasets` feature types: every mixed source is first mapped to one common form (same features).
 
     python benchmarks/bench_loader.py [--workers 2] [--batch-size 32] [--repeats 3] [--full-size 2048]
-        [--train-batch-size 8] [--train-steps 2] [--train-warmup 1]
+        [--train-batch-size 8] [--train-steps 2] [--train-warmup 1] [--mix covid_cxr pediatric_pneumonia]
 
 `measure_loader_throughput(dataset, collate_fn, ...)` is importable.
 """
 
 import argparse
+import io
 import os
 import tempfile
 import time
@@ -54,7 +62,11 @@ import PIL.Image
 import torch
 from transformers import AutoTokenizer, BertConfig, ResNetConfig
 
-from dataset_scripts import PairedBatches, build_covid_cxr
+from datasets import interleave_datasets
+
+from dataset_scripts import DecoupledBatches, PairedBatches, build_covid_cxr, build_parquet, shared_data_dir
+from dataset_scripts.sources import as_generator_stream, image_stream, parse_sources, text_stream
+from dataset_scripts.to_parquet import write_parquet_shards
 from modeling_medclip import MedCLIPConfig, MedCLIPModel
 from modeling_medclip.augmentation import build_augmentation
 from modeling_medclip.collator import MedCLIPCollator
@@ -62,12 +74,7 @@ from modeling_medclip.image_processing_medclip import MedCLIPImageProcessor
 from modeling_medclip.labeler import CheXpertLabeler
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SHUFFLE_BUFFER = 256
-
-
-def shared_data_dir() -> Path:
-    return Path(os.environ.get("MEDCLIP_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
 def _count_images(batch) -> int:
@@ -111,9 +118,15 @@ def measure_loader_throughput(
     return best, workers
 
 
+def _open(image):
+    if isinstance(image, dict):  # the common form of mixed sources
+        image = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
+    return PIL.Image.open(image)
+
+
 def decode_only(batch: dict) -> dict:
-    """The baseline collate: bare decoding of each image file of a `PairedBatches` batch."""
-    images = [PIL.Image.open(example["image"]).convert("L") for example in batch["images"]]
+    """The baseline collate: bare decoding of each image file of a `PairedBatches` / `DecoupledBatches` batch."""
+    images = [_open(example["image"]).convert("L") for example in batch["images"]]
     return {"pixel_values": images, "position": batch["position"]}
 
 
@@ -198,6 +211,50 @@ def print_loader_rows(title: str, root: Path, tokenizer, processor, args) -> flo
     return slowest
 
 
+def mixed_stream(specs: list[str], batch_size: int) -> DecoupledBatches:
+    """MedCLIP's decoupled stream over two image sources mixed 50 / 50 (`dataset_scripts.sources`), with the IU
+    report sentences as texts."""
+    sources = parse_sources(specs, [0.5, 0.5])
+    images = image_stream(sources, [0.5, 0.5], num_shards=8)
+    texts = text_stream(parse_sources(["iu_xray"]), num_shards=8)
+    return DecoupledBatches(images, texts, image_batch_size=batch_size, text_batch_size=batch_size, seed=0,
+                            drop_last=False, shuffle_buffer_size=SHUFFLE_BUFFER)  # fmt: skip
+
+
+def print_mixed_rows(specs: list[str], tokenizer, processor, args) -> float:
+    """Rows 1-2 on two image sources mixed by weight; returns the slowest loader's images/s."""
+    settings = dict(num_workers=args.workers, repeats=args.repeats)
+    stream = mixed_stream(specs, args.batch_size)
+    start = time.perf_counter()
+    examples = sum(len(batch["images"]) for batch in stream)
+    print(f"\ntwo image sources mixed 0.5 / 0.5 ({' + '.join(specs)}), IU sentences as texts: {examples} images per "
+          f"epoch; stream alone: {time.perf_counter() - start:.2f} s per pass")
+    baseline, workers = measure_loader_throughput(stream, decode_only, **settings)
+    print(f"{'pipeline':<62}{'images/s':>10}{'vs decode':>11}{'workers':>9}")
+    print(f"{'bare decode (PIL open + convert L), baseline':<62}{baseline:>10.1f}{1.0:>11.2f}{len(workers):>9d}")
+    collator = MedCLIPCollator(tokenizer, build_augmentation("medclip", processor, size=args.size),
+                               decode_size=args.decode_size)  # fmt: skip
+    throughput, workers = measure_loader_throughput(stream, collator, **settings)
+    label = f"decode at <= {args.decode_size} px + medclip {args.size} px + tokenize"
+    print(f"{label:<62}{throughput:>10.1f}{throughput / baseline:>11.2f}{len(workers):>9d}")
+    return throughput
+
+
+def print_parquet_mixing(root: Path) -> None:
+    """One pass (no decoding) of two parquet sources interleaved by weight: as `load_dataset` streams them, and
+    re-wrapped as generator streams (what `dataset_scripts.sources` does with Hub sources)."""
+    with tempfile.TemporaryDirectory() as folder:
+        files = [str(path) for path in write_parquet_shards(build_covid_cxr(root), folder, shard_size=64)]
+        halves = [build_parquet(files[: len(files) // 2]), build_parquet(files[len(files) // 2 :])]
+        print("\ntwo parquet sources interleaved 0.5 / 0.5, one pass without decoding:")
+        for name, sources in (("as streamed by load_dataset", halves),
+                              ("re-wrapped as generator streams", [as_generator_stream(h) for h in halves])):  # fmt: skip
+            mixed = interleave_datasets(sources, probabilities=[0.5, 0.5], seed=0, stopping_strategy="all_exhausted")
+            start = time.perf_counter()
+            count = sum(1 for _ in mixed)
+            print(f"  {name:<34}{count:>6d} examples in {time.perf_counter() - start:6.2f} s")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
@@ -211,6 +268,8 @@ def main():
     parser.add_argument("--train-warmup", type=int, default=1)
     parser.add_argument("--data", type=Path, default=shared_data_dir() / "covid-cxr")
     parser.add_argument("--tokenizer", type=Path, default=shared_data_dir() / "bio-clinicalbert-tokenizer")
+    parser.add_argument("--mix", nargs=2, default=["covid_cxr", "pediatric_pneumonia"],
+                        help="the two image sources (NAME=PATH or NAME) of the mixed rows")
     args = parser.parse_args()
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
@@ -227,6 +286,8 @@ def main():
             title = f"the same images as {args.full_size} px JPEG copies"
             print(f"\n(wrote {count} copies in {time.perf_counter() - start:.0f} s, not timed below)", end="")
             rates[title] = print_loader_rows(title, Path(folder), tokenizer, processor, args)
+    rates["two mixed sources"] = print_mixed_rows(args.mix, tokenizer, processor, args)
+    print_parquet_mixing(args.data)
 
     batch = training_batch(args.data, tokenizer, processor, args.train_batch_size)
     train = measure_training_step(batch, steps=args.train_steps, warmup=args.train_warmup)
@@ -234,7 +295,7 @@ def main():
           f"({tuple(batch['input_ids'].shape)} tokens), mean of {args.train_steps} steps after {args.train_warmup} "
           f"warm-up: {train:.2f} images/s")
     for title, rate in rates.items():
-        print(f"slowest loader on {title}: {rate:.1f} images/s, {rate / train:.0f}x the training step")
+        print(f"slowest loader on {title}: {rate:.1f} images/s, {rate / train:.1f}x the training step")
 
 
 if __name__ == "__main__":

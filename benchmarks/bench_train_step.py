@@ -96,8 +96,9 @@ from transformers import (  # noqa: E402
 )
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from dataset_scripts.paths import shared_data_dir  # noqa: E402
 from modeling_medclip import MedCLIPConfig, MedCLIPModel  # noqa: E402
-from modeling_medclip.training import ContrastiveTrainer, TrainingArguments  # noqa: E402
+from modeling_medclip.training import ContrastiveTrainer, OptimizationArguments  # noqa: E402
 
 NUM_LABELS = 14
 KEEP_MARGIN = 1.03  # an option joins the fast path only if it raises the ratio by more than 3 %
@@ -308,7 +309,7 @@ class OursRunner:
             mixed_precision="bf16" if options.bf16 else "no",
             dynamo_backend="inductor" if options.compile else "no",
         )
-        args = TrainingArguments(
+        args = OptimizationArguments(
             output_dir=tempfile.gettempdir(),  # never written: only `train()` saves
             optim="adamw_torch_fused" if options.fused else "adamw_torch",
             learning_rate=learning_rate,
@@ -656,7 +657,7 @@ def parse_args(argv=None):
     parser.add_argument("--curve_batch_size", type=int, default=32, help="Batch size of the loss curves.")
     parser.add_argument("--curve_image_size", type=int, default=64, help="Image side of the loss curves.")
     parser.add_argument("--curve_images", type=int, default=256, help="Use at most this many covid-cxr images.")
-    default_data_dir = os.environ.get("MEDCLIP_SHARED_DATA", str(REPO_ROOT.parent / "shared" / "data"))
+    default_data_dir = str(shared_data_dir())
     parser.add_argument("--data_dir", default=default_data_dir,
                         help="Folder holding covid-cxr/ and bio-clinicalbert-tokenizer/ (default: $MEDCLIP_SHARED_DATA "
                         "or <repo>/../shared/data).")

@@ -12,34 +12,17 @@ Expected layout::
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from datasets import IterableDataset, Value
-from sklearn.model_selection import GroupShuffleSplit
 
-from .generic import example_features, read_index, require_file, stream_from_index
+from .generic import example_features, patient_split, read_index, require_file, stream_from_index
 
 
 COVID_CXR_CLASSES = ("COVID-19", "Other pneumonia", "No Finding")
 REQUIRED_COLUMNS = ("file_name", "text", "finding", "is_covid19", "is_no_finding", "patient_id")
-
-
-def patient_split(
-    patient_ids: Sequence[str], *, test_size: float = 0.2, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded patient-disjoint split: returns (train_indices, test_indices) into `patient_ids`.
-
-    Every row of a patient lands on the same side; `test_size` is the fraction of *patients* held out.
-    """
-    if not 0.0 < test_size < 1.0:
-        raise ValueError(f"test_size must be in (0, 1), got {test_size}")
-    groups = np.asarray([str(patient_id) for patient_id in patient_ids])
-    splitter = GroupShuffleSplit(n_splits=1, test_size=test_size, random_state=seed)
-    train_indices, test_indices = next(splitter.split(groups, groups=groups))
-    return np.sort(train_indices), np.sort(test_indices)
 
 
 def _generate_examples(shards: list[pd.DataFrame], root: str) -> Iterator[dict]:

@@ -20,8 +20,10 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from datasets import ClassLabel, Features, IterableDataset, List, Value, load_dataset
+from sklearn.model_selection import GroupShuffleSplit
 
 from modeling_medclip.labeler import CHEXPERT_CLASSES, labels_to_vector
 
@@ -52,6 +54,21 @@ def read_index(path: Path, required_columns: Iterable[str], **read_csv_kwargs) -
     if missing:
         raise ValueError(f"{path} is missing column(s) {missing}; it has {list(frame.columns)}")
     return frame
+
+
+def patient_split(
+    patient_ids: Sequence[str], *, test_size: float = 0.2, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded patient-disjoint split: returns (train_indices, test_indices) into `patient_ids`.
+
+    Every row of a patient lands on the same side; `test_size` is the fraction of *patients* held out.
+    """
+    if not 0.0 < test_size < 1.0:
+        raise ValueError(f"test_size must be in (0, 1), got {test_size}")
+    groups = np.asarray([str(patient_id) for patient_id in patient_ids])
+    splitter = GroupShuffleSplit(n_splits=1, test_size=test_size, random_state=seed)
+    train_indices, test_indices = next(splitter.split(groups, groups=groups))
+    return np.sort(train_indices), np.sort(test_indices)
 
 
 def chexpert_label_vector(values: Sequence, uncertain: str = "positive") -> list[float]:

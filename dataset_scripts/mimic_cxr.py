@@ -20,7 +20,6 @@ import logging
 import os
 import re
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import pandas as pd
 from datasets import IterableDataset

@@ -11,18 +11,33 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Rule-based CheXpert-style labeler for chest X-ray reports.
+"""Rule-based labeler for chest X-ray reports that follows the Stanford CheXpert labeler's design and conventions.
 
-The labeler follows the approach of the Stanford CheXpert labeler (Irvin et al., 2019): it finds *mentions* of the
-14 CheXpert observations in each sentence, then classifies every mention as negative or uncertain when it falls in
-the scope of a negation or uncertainty trigger, and positive otherwise. Sentence labels are aggregated into a report
-label (positive beats uncertain beats negative) and *No Finding* is derived from the other observations.
+The Stanford CheXpert labeler (Irvin et al., 2019) works in three steps, and so does this one:
 
-It is written from scratch in plain Python: the phrase lists live in ``labeler_phrases/`` (see the README.md there),
-are compiled into token tries and matched leftmost-longest over a simple word tokenization. Scopes are bounded
-windows of tokens cut at scope terminators ("but", "however", "which", ";", a comma that does not separate list
-items...), in place of the dependency-graph patterns of the original. No spaCy / medspacy / negspacy is needed, and
-the labeler processes thousands of reports per second on one CPU core.
+1. **Mention extraction.** Each of the 13 findings (and a list of other abnormalities that only matter for No
+   Finding) has a list of mention phrases; a phrase found in a sentence is a mention unless it lies inside one of
+   the observation's *unmention* phrases ("calcified nodule" is no Lung Lesion, "pericardial effusion" no Pleural
+   Effusion, "over the heart" no Cardiomegaly). Observations are matched independently, so one stretch of text
+   can mention several ("hydropneumothorax", "cardiac silhouette"). An anatomical mention ("heart size",
+   "cardiac silhouette", "mediastinum", "contour") is a mention like any other: positive unless a rule says
+   otherwise.
+2. **Classification.** Each mention is tested against three ordered stages of rules: *pre-negation uncertainty*
+   ("cannot exclude", "not ruled out", "no new"), then *negation* ("no", "without", "normal", "has resolved"),
+   then *post-negation uncertainty* ("may", "possible", "versus", "X or Y", "stable cardiac silhouette",
+   "vascular congestion"). The first stage that matches decides: uncertain, negative, uncertain; no match means
+   positive.
+3. **Aggregation** into one label per observation: one label is kept as is; negative and uncertain mentions
+   together give uncertain; otherwise a positive mention wins. A positive or uncertain "heart failure" / "CHF"
+   adds an uncertain Cardiomegaly mention. No Finding is positive when no mention other than Support Devices is
+   positive or uncertain (the No Finding phrase list included), else blank.
+
+The original runs its rules over a dependency parse (NegBio); here every rule is a trigger phrase with a scope over
+tokens: a *pre* trigger governs the words after it, a *post* trigger the words before it, within a window of words
+that a clause boundary ends ("but", "which", ";", a comma that starts a new clause). Each item of a comma / "or"
+list gets the full window, which is how "no effusion, pneumothorax, or consolidation" negates all three. The
+rules, phrase lists and the conventions that differ from the original on purpose are in ``labeler_phrases/``
+(see the README.md there). Plain Python, no parser, thousands of reports per second on one CPU core.
 
 Labels follow CheXpert's convention: ``1.0`` positive, ``0.0`` negative, ``-1.0`` uncertain and ``None`` not
 mentioned (blank in the CSV output).
@@ -36,12 +51,16 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+from sklearn.metrics import f1_score
 
 
 CHEXPERT_CLASSES: tuple[str, ...] = (
@@ -67,21 +86,24 @@ UNCERTAIN_POLICIES = ("positive", "negative", "ignore")
 
 PHRASES_DIR = Path(__file__).resolve().parent / "labeler_phrases"
 
-# Observations that have mention phrases, and those that can make "No Finding" blank.
 _FINDING_CLASSES = CHEXPERT_CLASSES[1:]
-_NO_FINDING_BLOCKERS = tuple(name for name in _FINDING_CLASSES if name != "Support Devices")
-# Aggregation priority: positive beats uncertain beats negative beats not mentioned.
-_PRIORITY = {None: 0, NEGATIVE: 1, UNCERTAIN: 2, POSITIVE: 3}
+# Mention sections of mentions.txt besides the findings: abnormalities that only make No Finding blank, and phrases
+# (Edema mentions) whose positive or uncertain mention adds an uncertain Cardiomegaly.
+_NO_FINDING, _IMPLIES_CARDIOMEGALY = "No Finding", "implies uncertain Cardiomegaly"
+_STAGES = {  # file -> (stage rank, label): the stages are tried in this order
+    "pre_negation_uncertainty": (0, UNCERTAIN),
+    "negation": (1, NEGATIVE),
+    "post_negation_uncertainty": (2, UNCERTAIN),
+}
 
-# Words are runs of letters / digits ("x-ray" -> "x", "ray"); a few punctuation marks are kept as scope tokens.
-_TOKEN_RE = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[,;:()?]")
+# Words are runs of letters / digits ("x-ray" -> "x", "ray"); "/" and a few punctuation marks are kept as tokens.
+_TOKEN_RE = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[,;:()?/]")
 _PHRASE_TOKEN_RE = re.compile(r"[a-z0-9]+\*?|[,;:()?]")
 # Tokens that start a new clause: a comma followed by one of them before any "or" / "and" ends a scope.
 _CLAUSE_VERBS = frozenset(
     {"is", "are", "was", "were", "has", "have", "had", "there", "be", "been", "appears", "appear", "seen", "noted"}
 )
 _LIST_CONJUNCTIONS = frozenset({"or", "and", "nor"})
-_COORDINATORS = frozenset({"or", "and", ","})
 
 # Sentence splitting: a sentence ends at ".", "!" or "?" followed by whitespace, or at a "." glued to a capitalized
 # word ("apex.There"). Pieces ending in a title / common abbreviation are joined back; list markers are dropped.
@@ -123,8 +145,31 @@ def split_sentences(text: str) -> list[str]:
 
 
 def tokenize(text: str) -> list[str]:
-    """Lowercase word tokens of ``text`` plus the punctuation that bounds scopes (``, ; : ( ) ?``)."""
-    return _TOKEN_RE.findall(text.lower())
+    """Lowercase word tokens of ``text`` plus the punctuation that bounds scopes (``, ; : ( ) ?``), cleaned as the
+    CheXpert labeler cleans its input: ``and/or`` and ``a/b`` become ``or`` and ``a or b``."""
+    return tokenize_with_offsets(text)[0]
+
+
+def tokenize_with_offsets(text: str) -> tuple[list[str], list[tuple[int, int]]]:
+    """`tokenize` plus each token's ``(start, end)`` character offsets in ``text`` (an ``or`` made from a slash has
+    the slash's offsets)."""
+    tokens: list[str] = []
+    offsets: list[tuple[int, int]] = []
+    for match in _TOKEN_RE.finditer(text.lower()):
+        token = match.group()
+        if token == "/":
+            if tokens and tokens[-1] == "and":  # "and/or" -> "or"
+                tokens[-1], offsets[-1] = "or", (offsets[-1][0], match.end())
+            elif text[match.start() - 1 : match.start()].isalpha() and text[match.end() : match.end() + 1].isalpha():
+                tokens.append("or")
+                offsets.append(match.span())
+            continue
+        if token == "or" and tokens and tokens[-1] == "or" and offsets[-1][1] == match.start():
+            offsets[-1] = (offsets[-1][0], match.end())  # the "or" of "and/or"
+            continue
+        tokens.append(token)
+        offsets.append(match.span())
+    return tokens, offsets
 
 
 def read_phrase_file(path: str | Path) -> dict[str, list[str]]:
@@ -149,8 +194,29 @@ def read_phrase_file(path: str | Path) -> dict[str, list[str]]:
     return sections
 
 
+def _phrase_words(phrase: str, source: str) -> list[str]:
+    words = _PHRASE_TOKEN_RE.findall(phrase)
+    if not words or " ".join(words) != " ".join(phrase.split()):
+        raise ValueError(f"{source}: cannot parse phrase {phrase!r} (use lowercase words, optional trailing '*')")
+    for word in words:
+        if word.endswith("*") and len(word) < 4:
+            raise ValueError(f"{source}: wildcard prefix {word!r} in {phrase!r} needs at least 3 characters")
+    return words
+
+
+def _phrase_regex(phrases: Sequence[str], source: str) -> re.Pattern:
+    """One pattern over space-joined tokens matching any of ``phrases`` on whole tokens (``word*``: any token that
+    starts with ``word``), longest alternatives first."""
+    alternatives = []
+    for phrase in phrases:
+        words = _phrase_words(phrase, source)
+        alternatives.append(" ".join(re.escape(w[:-1]) + "[^ ]*" if w.endswith("*") else re.escape(w) for w in words))
+    alternatives.sort(key=len, reverse=True)
+    return re.compile(r"(?<![^ ])(?:" + "|".join(alternatives) + r")(?![^ ])")
+
+
 class _PhraseTrie:
-    """Token trie over phrases; a phrase word ending in ``*`` matches any token starting with it.
+    """Token trie over trigger phrases; a phrase word ending in ``*`` matches any token starting with it.
 
     Each phrase carries a payload (a set of tags); `find` scans a token list leftmost-longest and returns
     non-overlapping ``(start, end, tags)`` spans, ``end`` exclusive.
@@ -165,15 +231,10 @@ class _PhraseTrie:
         return {"words": {}, "prefixes": {}, "tags": None}
 
     def add(self, phrase: str, tag: Any, source: str = "phrase list") -> None:
-        words = _PHRASE_TOKEN_RE.findall(phrase)
-        if not words or " ".join(words) != " ".join(phrase.split()):
-            raise ValueError(f"{source}: cannot parse phrase {phrase!r} (use lowercase words, optional trailing '*')")
         node = self._root
-        for word in words:
+        for word in _phrase_words(phrase, source):
             if word.endswith("*"):
                 prefix = word[:-1]
-                if len(prefix) < 3:
-                    raise ValueError(f"{source}: wildcard prefix {word!r} in {phrase!r} needs at least 3 characters")
                 bucket = node["prefixes"].setdefault(prefix[:3], [])
                 child = next((child for known, child in bucket if known == prefix), None)
                 if child is None:
@@ -223,25 +284,41 @@ class _PhraseTrie:
 
 
 @dataclass(frozen=True)
-class _Trigger:
+class _Rule:
+    """What a trigger phrase does: its stage (rank into `_STAGES`), direction and window, and whether it only
+    governs anatomical mentions ("stable" qualifies "cardiac silhouette", not "cardiomegaly"; such a rule governs
+    only its own clause and list item: no comma may lie between)."""
+
+    stage: int
+    label: float
+    direction: str  # "pre", "post", "both" or "self" (a phrase that contains the mention)
+    window: int
+    anatomy_only: bool
+
+
+@dataclass(frozen=True)
+class _Mention:
+    """One classified mention: the observation, its label and its ``[start, end)`` token span in the sentence."""
+
+    observation: str
+    label: float
     start: int
     end: int
-    kinds: frozenset
 
 
 class CheXpertLabeler:
-    """Rule-based CheXpert-style labeler (mention extraction, then negation / uncertainty classification).
+    """Rule-based labeler following the Stanford CheXpert labeler (mentions, three rule stages, aggregation).
 
     Args:
         phrases_dir (`str` or `Path`, *optional*):
-            Folder with ``mentions.txt``, ``negation.txt`` and ``uncertainty.txt`` (default: the packaged
-            ``labeler_phrases/``). See the README.md of that folder for the format.
+            Folder with ``mentions.txt``, ``pre_negation_uncertainty.txt``, ``negation.txt``,
+            ``post_negation_uncertainty.txt`` and ``scope.txt`` (default: the packaged ``labeler_phrases/``). See
+            the README.md of that folder for the format.
         pre_window (`int`, *optional*, defaults to 8):
-            How many words after a pre-trigger ("no", "possible") its scope reaches (commas are not counted).
+            How many words after a pre-trigger ("no", "possible") its scope reaches, unless its section says.
         post_window (`int`, *optional*, defaults to 6):
-            How many words before a post-trigger ("is not seen", "cannot be excluded") its scope reaches.
-        attribute_window (`int`, *optional*, defaults to 8):
-            How far from an attribute mention ("heart size") its qualifier ("enlarged", "normal") may be.
+            How many words before a post-trigger ("is not seen", "cannot be excluded") its scope reaches, unless
+            its section says.
 
     Example:
 
@@ -252,86 +329,107 @@ class CheXpertLabeler:
     ```
     """
 
-    def __init__(
-        self,
-        phrases_dir: str | Path | None = None,
-        pre_window: int = 8,
-        post_window: int = 6,
-        attribute_window: int = 8,
-    ):
+    def __init__(self, phrases_dir: str | Path | None = None, pre_window: int = 8, post_window: int = 6):
         phrases_dir = Path(phrases_dir) if phrases_dir is not None else PHRASES_DIR
         self.pre_window = pre_window
         self.post_window = post_window
-        self.attribute_window = attribute_window
-
-        files = {name: phrases_dir / f"{name}.txt" for name in ("mentions", "negation", "uncertainty")}
+        files = {name: phrases_dir / f"{name}.txt" for name in ("mentions", "scope", *_STAGES)}
         for path in files.values():
             if not path.is_file():
                 raise ValueError(f"phrase file {path} not found (phrases_dir={phrases_dir})")
-        mentions = read_phrase_file(files["mentions"])
-        negation = read_phrase_file(files["negation"])
-        uncertainty = read_phrase_file(files["uncertainty"])
-
-        self._mentions = _PhraseTrie()
-        for section, phrases in mentions.items():
-            if section == "abnormal":
-                continue
-            if section == "ignore":  # phrases that shadow a shorter mention but name no observation
-                for phrase in phrases:
-                    self._mentions.add(phrase, None, source=str(files["mentions"]))
-                continue
-            name, _, kind = section.partition(":")
-            name, kind = name.strip(), kind.strip()
-            if name not in _FINDING_CLASSES or kind not in ("", "attribute"):
-                raise ValueError(
-                    f"{files['mentions']}: unknown section [{section}]; expected one of {_FINDING_CLASSES}, "
-                    "optionally followed by ': attribute', or [abnormal] or [ignore]"
-                )
-            for phrase in phrases:
-                self._mentions.add(phrase, (name, kind == "attribute"), source=str(files["mentions"]))
-
-        self._qualifiers = _PhraseTrie()
-        qualifier_sections = {
-            "abnormal": (mentions, files["mentions"]),
-            "normal": (negation, files["negation"]),
-            "borderline": (uncertainty, files["uncertainty"]),
-        }
-        for kind, (sections, path) in qualifier_sections.items():
-            for phrase in self._section(sections, kind, path):
-                self._qualifiers.add(phrase, kind, source=str(path))
-
+        self._load_mentions(files["mentions"])
         self._triggers = _PhraseTrie()
-        trigger_sections = {
-            "neg_pre": (negation, "pre", files["negation"]),
-            "neg_post": (negation, "post", files["negation"]),
-            "pseudo": (negation, "pseudo", files["negation"]),
-            "scope_end": (negation, "scope_end", files["negation"]),
-            "unc_pre": (uncertainty, "pre", files["uncertainty"]),
-            "unc_post": (uncertainty, "post", files["uncertainty"]),
-            "strong_pre": (uncertainty, "strong_pre", files["uncertainty"]),
-            "strong_post": (uncertainty, "strong_post", files["uncertainty"]),
-        }
-        for kind, (sections, section, path) in trigger_sections.items():
-            for phrase in self._section(sections, section, path):
-                self._triggers.add(phrase, kind, source=str(path))
+        for name in _STAGES:
+            self._load_rules(files[name], *_STAGES[name])
+        scope = read_phrase_file(files["scope"])
+        for section in ("scope_end", "pseudo"):
+            if section not in scope:
+                raise ValueError(f"phrase file {files['scope']} has no [{section}] section")
+            for phrase in scope[section]:
+                self._triggers.add(phrase, section, source=str(files["scope"]))
 
-    @staticmethod
-    def _section(sections: dict[str, list[str]], name: str, path: Path) -> list[str]:
-        if name not in sections:
-            raise ValueError(f"phrase file {path} has no [{name}] section")
-        return sections[name]
+    def _load_mentions(self, path: Path) -> None:
+        sections = read_phrase_file(path)
+        observations = (*_FINDING_CLASSES, _NO_FINDING, _IMPLIES_CARDIOMEGALY)
+        self._mention_patterns: dict[str, re.Pattern] = {}
+        self._unmention_patterns: dict[str, re.Pattern] = {}
+        self._mention_starts: dict[str, frozenset[str]] = {}
+        anatomy: list[str] = []
+        for section, phrases in sections.items():
+            kind, _, name = section.rpartition(":")
+            name, kind = name.strip(), kind.strip()
+            if section == "anatomy":
+                anatomy = phrases
+            elif name in observations and kind in ("", "unmention"):
+                target = self._unmention_patterns if kind else self._mention_patterns
+                target[name] = _phrase_regex(phrases, f"{path} [{section}]")
+                if not kind:  # the first 3 characters a mention can start with: sentences without them are skipped
+                    self._mention_starts[name] = frozenset(phrase.split()[0].rstrip("*")[:3] for phrase in phrases)
+            else:
+                raise ValueError(
+                    f"{path}: unknown section [{section}]; expected one of {observations}, optionally after "
+                    "'unmention:', or [anatomy]"
+                )
+        missing = [name for name in observations if name not in self._mention_patterns]
+        if missing:
+            raise ValueError(f"{path}: no mention section for {missing}")
+        self._anatomy = frozenset(anatomy)
+
+    def _load_rules(self, path: Path, stage: int, label: float) -> None:
+        """Sections ``[pre]``, ``[post]``, ``[both]`` or ``[self]``, optionally followed by a window and
+        ``anatomy``: ``[post 4 anatomy]``."""
+        for section, phrases in read_phrase_file(path).items():
+            words = section.split()
+            direction = words[0] if words else ""
+            window = int(words[1]) if len(words) > 1 and words[1].isdigit() else None
+            anatomy_only = words[-1] == "anatomy" and len(words) > 1
+            known_words = 1 + (window is not None) + anatomy_only
+            if direction not in ("pre", "post", "both", "self") or len(words) != known_words:
+                raise ValueError(
+                    f"{path}: unknown section [{section}]; expected [pre|post|both|self [window] [anatomy]]"
+                )
+            if window is None:
+                window = self.post_window if direction == "post" else self.pre_window
+            rule = _Rule(stage, label, direction, window, anatomy_only)
+            for phrase in phrases:
+                self._triggers.add(phrase, rule, source=f"{path} [{section}]")
 
     # ------------------------------------------------------------------------------------------------------------
-    # Sentence-level labelling
+    # Sentence-level mentions
     # ------------------------------------------------------------------------------------------------------------
 
-    def _scope_breaks(self, tokens: list[str], triggers: list[_Trigger]) -> list[bool]:
+    def _find_mentions(self, tokens: list[str]) -> list[tuple[str, int, int]]:
+        """``(observation, start, end)`` token spans of every mention, each observation matched on its own."""
+        joined = " ".join(tokens)
+        starts = {token[:3] for token in tokens}
+        token_at: dict[int, int] = {}
+        found = []
+        for name, pattern in self._mention_patterns.items():
+            if starts.isdisjoint(self._mention_starts[name]):
+                continue
+            matches = list(pattern.finditer(joined))
+            if not matches:
+                continue
+            if not token_at:
+                position = 0
+                for index, token in enumerate(tokens):
+                    token_at[position] = index
+                    position += len(token) + 1
+            unmention = self._unmention_patterns.get(name)
+            blocked = [match.span() for match in unmention.finditer(joined)] if unmention is not None else []
+            for match in matches:
+                start, end = match.span()
+                if any(start < b_end and b_start < end for b_start, b_end in blocked):
+                    continue
+                found.append((name, token_at[start], token_at[start] + match.group().count(" ") + 1))
+        return found
+
+    def _scope_breaks(self, tokens: list[str], triggers: list[tuple[int, int, frozenset]]) -> list[bool]:
         """``breaks[i]`` is True when token ``i`` ends any scope that crosses it."""
         breaks = [False] * len(tokens)
-        for trigger in triggers:
-            if "scope_end" in trigger.kinds:
-                for index in range(trigger.start, trigger.end):
-                    breaks[index] = True
+        for start, end, tags in triggers:
+            if "scope_end" in tags:
+                breaks[start:end] = [True] * (end - start)
         for index, token in enumerate(tokens):
             if token == "," and not self._is_list_comma(tokens, index, breaks):
                 breaks[index] = True
@@ -351,118 +449,61 @@ class CheXpertLabeler:
         return True
 
     @staticmethod
-    def _distance(tokens: list[str], breaks: list[bool], start: int, end: int) -> int | None:
+    def _distance(tokens: list[str], breaks: list[bool], start: int, end: int, lists: bool = True) -> int | None:
         """Words between ``start`` and ``end``, counted from the last list comma (each list item gets the full
-        window), or None when a scope break lies between."""
+        window), or None when a scope break lies between (or any comma, when ``lists`` is False)."""
         words = 0
         for index in range(start, end):
-            if breaks[index]:
+            if breaks[index] or not lists and tokens[index] == ",":
                 return None
             words = 0 if tokens[index] == "," else words + 1
         return words
 
-    def _resolve_attribute(
+    def _classify(
         self,
         tokens: list[str],
         breaks: list[bool],
+        rules: list[tuple[int, int, _Rule]],
         start: int,
         end: int,
-        qualifiers: list[tuple[int, int, frozenset]],
-        mentions: list[tuple[int, int, frozenset]],
-    ) -> tuple[str, int, int] | None:
-        """Nearest qualifier of an attribute mention: (kind, span start, span end), or None when unqualified.
-
-        A qualifier after the attribute counts within ``attribute_window`` words ("heart size and mediastinal
-        contours are normal"); one before it within ``attribute_window // 2`` words, and across another mention
-        only when that mention is coordinated with the attribute ("normal heart size and mediastinum", but
-        "heart size enlarged, stable mediastinal contours" qualifies the heart only). Both must be in the same
-        scope."""
-        best = None
-        priority = {"borderline": 0, "abnormal": 1, "normal": 2}
-        for q_start, q_end, kinds in qualifiers:
-            if q_end <= start:
-                if not self._coordinated(tokens, q_end, start, mentions):
-                    continue
-                window, distance = self.attribute_window // 2, self._distance(tokens, breaks, q_end, start)
-            elif q_start >= end:
-                window, distance = self.attribute_window, self._distance(tokens, breaks, end, q_start)
+    ) -> float:
+        """Label the mention at tokens ``[start, end)``: the earliest stage with a rule whose scope covers it, or
+        positive. A coordination ("or", a ``both`` rule) reaches back only over its own list: not past a trigger
+        that opens one ("opacities, without consolidation, or effusion": the opacities are no alternative)."""
+        anatomy = tokens[end - 1] in self._anatomy
+        best: _Rule | None = None
+        for t_start, t_end, rule in rules:
+            if best is not None and rule.stage >= best.stage or rule.anatomy_only and not anatomy:
+                continue
+            if t_end <= start and rule.direction in ("pre", "both"):
+                distance = self._distance(tokens, breaks, t_end, start, not rule.anatomy_only)
+            elif t_start >= end and rule.direction == "post":
+                distance = self._distance(tokens, breaks, end, t_start, not rule.anatomy_only)
+            elif t_start >= end and rule.direction == "both":
+                opens_list = any(end <= o_start < t_start and o_rule.direction == "pre" for o_start, _, o_rule in rules)
+                distance = None if opens_list else self._distance(tokens, breaks, end, t_start)
+            elif rule.direction == "self" and t_start <= start and end <= t_end:
+                distance = 0
             else:
                 continue
-            if distance is None or distance > window:
-                continue
-            kind = min(kinds, key=priority.__getitem__)
-            key = (distance, priority[kind])
-            if best is None or key < best[0]:
-                best = (key, kind, min(start, q_start), max(end, q_end))
-        return None if best is None else best[1:]
+            if distance is not None and distance <= rule.window:
+                best = rule
+        return POSITIVE if best is None else best.label
 
-    @staticmethod
-    def _coordinated(tokens: list[str], start: int, end: int, mentions: list[tuple[int, int, frozenset]]) -> bool:
-        """True when tokens ``[start, end)`` hold no mention, or only mentions joined by "and" / "or" / commas."""
-        inside = [False] * (end - start)
-        for m_start, m_end, _ in mentions:
-            if start <= m_start and m_end <= end:
-                inside[m_start - start : m_end - start] = [True] * (m_end - m_start)
-        if not any(inside):
-            return True
-        first = inside.index(True)
-        return all(inside[i] or tokens[start + i] in _COORDINATORS for i in range(first, end - start))
+    def _sentence_mentions(self, tokens: list[str]) -> list[_Mention]:
+        found = self._find_mentions(tokens)
+        if not found:
+            return []
+        triggers = self._triggers.find(tokens)
+        breaks = self._scope_breaks(tokens, triggers)
+        rules = [(start, end, tag) for start, end, tags in triggers for tag in tags if isinstance(tag, _Rule)]
+        return [
+            _Mention(name, self._classify(tokens, breaks, rules, start, end), start, end) for name, start, end in found
+        ]
 
-    def _classify(
-        self, tokens: list[str], breaks: list[bool], triggers: list[_Trigger], start: int, end: int
-    ) -> float:
-        """Label one mention spanning tokens ``[start, end)`` from the triggers whose scope covers it."""
-        in_scope: set[str] = set()
-        for trigger in triggers:
-            if trigger.end <= start:
-                distance = self._distance(tokens, breaks, trigger.end, start)
-                if distance is not None and distance <= self.pre_window:
-                    in_scope.update(kind for kind in trigger.kinds if kind.endswith("_pre"))
-            elif trigger.start >= end:
-                distance = self._distance(tokens, breaks, end, trigger.start)
-                if distance is not None and distance <= self.post_window:
-                    in_scope.update(kind for kind in trigger.kinds if kind.endswith("_post"))
-            else:  # inside the span of an attribute mention: "heart is not enlarged"
-                in_scope.update(trigger.kinds)
-        if "strong_pre" in in_scope or "strong_post" in in_scope:
-            return UNCERTAIN
-        if "neg_pre" in in_scope or "neg_post" in in_scope:
-            return NEGATIVE
-        if "unc_pre" in in_scope or "unc_post" in in_scope:
-            return UNCERTAIN
-        return POSITIVE
-
-    def _label_tokens(self, tokens: list[str]) -> dict[str, float | None]:
-        labels: dict[str, float | None] = dict.fromkeys(_FINDING_CLASSES)
-        mentions = self._mentions.find(tokens)
-        if mentions:
-            triggers = [_Trigger(start, end, kinds) for start, end, kinds in self._triggers.find(tokens)]
-            breaks = self._scope_breaks(tokens, triggers)
-            triggers = [trigger for trigger in triggers if not trigger.kinds <= {"pseudo", "scope_end"}]
-            qualifiers = None
-            for start, end, tags in mentions:
-                plain = [tag[0] for tag in tags if tag is not None and not tag[1]]
-                attributes = [tag[0] for tag in tags if tag is not None and tag[1]]
-                if plain:
-                    label = self._classify(tokens, breaks, triggers, start, end)
-                    for name in plain:
-                        labels[name] = _merge(labels[name], label)
-                if attributes:
-                    if qualifiers is None:
-                        qualifiers = self._qualifiers.find(tokens)
-                    resolved = self._resolve_attribute(tokens, breaks, start, end, qualifiers, mentions)
-                    if resolved is None:
-                        continue
-                    kind, span_start, span_end = resolved
-                    if kind == "normal":
-                        label = NEGATIVE
-                    elif kind == "borderline":
-                        label = UNCERTAIN
-                    else:
-                        label = self._classify(tokens, breaks, triggers, span_start, span_end)
-                    for name in attributes:
-                        labels[name] = _merge(labels[name], label)
-        return {"No Finding": _no_finding(labels), **labels}
+    # ------------------------------------------------------------------------------------------------------------
+    # Public API
+    # ------------------------------------------------------------------------------------------------------------
 
     @staticmethod
     def _check_text(text: Any, what: str) -> str:
@@ -472,25 +513,34 @@ class CheXpertLabeler:
             raise ValueError(f"{what} is empty: there is nothing to label")
         return text
 
+    def _labelled_sentences(self, text: str) -> list[tuple[str, list[tuple[int, int]], list[_Mention]]]:
+        labelled = []
+        for sentence in split_sentences(text):
+            tokens, offsets = tokenize_with_offsets(sentence)
+            labelled.append((sentence, offsets, self._sentence_mentions(tokens)))
+        return labelled
+
     def label_sentence(self, text: str) -> dict[str, float | None]:
-        """Label one sentence.
+        """Label one sentence (not split further): its mentions aggregated as a report's are.
 
         Args:
-            text (`str`): the sentence (not split further).
+            text (`str`): the sentence.
 
         Returns:
             `dict[str, float | None]`: for each of the 14 `CHEXPERT_CLASSES`, in order, ``1.0`` positive, ``0.0``
-            negative, ``-1.0`` uncertain or ``None`` not mentioned. ``No Finding`` is ``1.0`` when no other
-            observation but Support Devices is positive or uncertain, else ``None`` (CheXpert's rule).
+            negative, ``-1.0`` uncertain or ``None`` not mentioned. ``No Finding`` is ``1.0`` when no mention but
+            Support Devices is positive or uncertain, else ``None`` (CheXpert's rule).
 
         Raises:
             `ValueError`: when ``text`` is not a string or is empty.
         """
-        return self._label_tokens(tokenize(self._check_text(text, "sentence text")))
+        tokens = tokenize(self._check_text(text, "sentence text"))
+        return _aggregate(self._sentence_mentions(tokens))[0]
 
     def label_report(self, text: str) -> dict[str, float | None]:
-        """Label a whole report: each sentence is labelled, then the labels are aggregated per observation
-        (positive beats uncertain beats negative beats not mentioned) and No Finding is derived as in CheXpert.
+        """Label a whole report: the mentions of all its sentences are aggregated per observation (one label kept;
+        negative + uncertain -> uncertain; else positive wins), heart failure adds an uncertain Cardiomegaly and
+        No Finding is derived as in CheXpert.
 
         Args:
             text (`str`): the report (findings and / or impression).
@@ -502,17 +552,48 @@ class CheXpertLabeler:
             `ValueError`: when ``text`` is not a string or is empty.
         """
         self._check_text(text, "report text")
-        labels: dict[str, float | None] = dict.fromkeys(_FINDING_CLASSES)
-        for sentence in split_sentences(text):
-            for name, label in self._label_tokens(tokenize(sentence)).items():
-                if name != "No Finding":
-                    labels[name] = _merge(labels[name], label)
-        return {"No Finding": _no_finding(labels), **labels}
+        mentions = [mention for _, _, found in self._labelled_sentences(text) for mention in found]
+        return _aggregate(mentions)[0]
+
+    def label_report_with_evidence(self, text: str) -> dict[str, tuple[float | None, str | None]]:
+        """Label a report as `label_report` does, and give for each observation the text that decided its label.
+
+        Args:
+            text (`str`): the report.
+
+        Returns:
+            `dict[str, tuple[float | None, str | None]]`: for each of the 14 `CHEXPERT_CLASSES`, in order,
+            ``(label, evidence)``: the report-level label (as `label_report`) and the mention, as it is written in
+            the report, that decided it (the first mention with the winning label; "heart failure" for a
+            Cardiomegaly it implies); ``(None, None)`` when not mentioned. No Finding, derived from the others,
+            has no evidence (``None``).
+
+        Raises:
+            `ValueError`: when ``text`` is not a string or is empty.
+
+        Example:
+
+        ```python
+        >>> CheXpertLabeler().label_report_with_evidence("No pleural effusion. Mild Cardiomegaly.")["Cardiomegaly"]
+        (1.0, 'Cardiomegaly')
+        ```
+        """
+        self._check_text(text, "report text")
+        mentions, spans = [], []
+        for sentence, offsets, found in self._labelled_sentences(text):
+            for mention in found:
+                mentions.append(mention)
+                spans.append(sentence[offsets[mention.start][0] : offsets[mention.end - 1][1]])
+        labels, deciding = _aggregate(mentions)
+        return {
+            name: (labels[name], None if deciding.get(name) is None else spans[deciding[name]])
+            for name in CHEXPERT_CLASSES
+        }
 
     def label_sentences(self, text: str) -> list[tuple[str, dict[str, float | None]]]:
         """Split a report with `split_sentences` and label each sentence: ``[(sentence, labels), ...]``."""
         self._check_text(text, "report text")
-        return [(sentence, self._label_tokens(tokenize(sentence))) for sentence in split_sentences(text)]
+        return [(sentence, _aggregate(found)[0]) for sentence, _, found in self._labelled_sentences(text)]
 
     def label_reports(
         self, texts: Iterable[str], level: str = "report", skip_empty: bool = False
@@ -566,13 +647,31 @@ class CheXpertLabeler:
         return labels_to_vector(labels, uncertain=uncertain)
 
 
-def _merge(current: float | None, new: float | None) -> float | None:
-    return new if _PRIORITY[new] > _PRIORITY[current] else current
-
-
-def _no_finding(labels: dict[str, float | None]) -> float | None:
-    blocked = any(labels[name] in (POSITIVE, UNCERTAIN) for name in _NO_FINDING_BLOCKERS)
-    return None if blocked else POSITIVE
+def _aggregate(mentions: Sequence[_Mention]) -> tuple[dict[str, float | None], dict[str, int]]:
+    """CheXpert's aggregation of classified mentions into the 14 labels, and for each labelled finding the index
+    (into ``mentions``) of the first mention carrying its label."""
+    found: dict[str, list[tuple[float, int]]] = {}
+    no_finding = POSITIVE
+    for index, mention in enumerate(mentions):
+        if mention.observation != "Support Devices" and mention.label != NEGATIVE:
+            no_finding = None
+        if mention.observation == _IMPLIES_CARDIOMEGALY:
+            if mention.label != NEGATIVE:
+                found.setdefault("Cardiomegaly", []).append((UNCERTAIN, index))
+        elif mention.observation != _NO_FINDING:
+            found.setdefault(mention.observation, []).append((mention.label, index))
+    labels: dict[str, float | None] = {"No Finding": no_finding}
+    deciding: dict[str, int] = {}
+    for name in _FINDING_CLASSES:
+        values = found.get(name)
+        if not values:
+            labels[name] = None
+            continue
+        kinds = {label for label, _ in values}
+        label = UNCERTAIN if {NEGATIVE, UNCERTAIN} <= kinds else POSITIVE if len(kinds) > 1 else values[0][0]
+        labels[name] = label
+        deciding[name] = next(index for value, index in values if value == label)
+    return labels, deciding
 
 
 def _check_level(level: str) -> None:
@@ -641,6 +740,52 @@ def add_label_column(
     return dataset.map(label_batch, batched=True, batch_size=batch_size)
 
 
+def read_labeled_csv(path: str | Path) -> list[tuple[str, dict[str, float | None]]]:
+    """Read a CSV in the CheXpert labeler's output format (``Reports`` then the 14 observations, ``1.0`` / ``0.0`` /
+    ``-1.0`` / empty) as it is scored: texts shorter than 4 characters are dropped and each distinct text is kept
+    once (its first row).
+
+    Returns:
+        `list[tuple[str, dict[str, float | None]]]`: ``(text, labels)`` pairs, labels keyed as `CHEXPERT_CLASSES`.
+    """
+    path = Path(path)
+    columns, records = read_csv_rows(path)
+    missing = [name for name in ("Reports", *CHEXPERT_CLASSES) if name not in columns]
+    if missing:
+        raise ValueError(f"{path} is not in the CheXpert labeler's format: columns {missing} are missing")
+    rows, seen = [], set()
+    for row in records:
+        text = row["Reports"]
+        if len(text) < 4 or text in seen:
+            continue
+        seen.add(text)
+        rows.append((text, {name: float(row[name]) if row[name] else None for name in CHEXPERT_CLASSES}))
+    return rows
+
+
+def agreement_f1(
+    reference: Sequence[dict[str, float | None]], predicted: Sequence[dict[str, float | None]]
+) -> dict[float, dict[str, float]]:
+    """Agreement of two labelings, scored per value as the CheXpert labeler's outputs are compared.
+
+    For each value v (``1.0``, ``0.0``, ``-1.0``) a cell is a true positive when both say v; the F1 is computed per
+    finding and micro-averaged over the 13 findings (No Finding left out).
+
+    Returns:
+        `dict[float, dict[str, float]]`: ``{value: {finding: f1, ..., "micro": f1}}``.
+    """
+    if len(reference) != len(predicted):
+        raise ValueError(f"{len(reference)} reference rows but {len(predicted)} predicted rows")
+    scores: dict[float, dict[str, float]] = {}
+    for value in (POSITIVE, NEGATIVE, UNCERTAIN):
+        truth = np.array([[labels[name] == value for name in _FINDING_CLASSES] for labels in reference])
+        guess = np.array([[labels[name] == value for name in _FINDING_CLASSES] for labels in predicted])
+        per_class = f1_score(truth, guess, average=None, zero_division=0.0)
+        scores[value] = dict(zip(_FINDING_CLASSES, per_class.tolist()))
+        scores[value]["micro"] = float(f1_score(truth, guess, average="micro", zero_division=0.0))
+    return scores
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
@@ -654,14 +799,60 @@ def _format_label(label: float | None, uncertain: str) -> str:
     return "" if label is None else f"{label:.1f}"
 
 
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+# Report text can be long (a whole report, or many joined); csv's default field limit is 131,072 characters.
+_FIELD_SIZE_LIMIT = min(sys.maxsize, 2**31 - 1)
+
+
+def escape_formula(text: str) -> str:
+    """Defuse CSV injection: a cell starting with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return is read by
+    spreadsheet programs as a formula, so it gets a leading ``'`` (OWASP's guidance); other text is unchanged."""
+    return "'" + text if text.startswith(_FORMULA_STARTS) else text
+
+
+def read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """Read a UTF-8 CSV (a byte-order mark, as Excel writes it, is dropped; fields of any length are accepted).
+
+    Returns:
+        `tuple[list[str], list[dict[str, str]]]`: the column names and the rows.
+
+    Raises:
+        `ValueError`: when the file is not valid UTF-8, naming the file, the record and line, and the bad bytes.
+    """
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        prefix = data[: error.start].decode("utf-8-sig")
+        record = sum(1 for _ in csv.reader(io.StringIO(prefix + "x")))
+        line = prefix.count("\n") + 1
+        raise ValueError(
+            f"{path} is not valid UTF-8: record {record} (line {line}, counting the header as record 1) has the "
+            f"bytes {data[error.start : error.end]!r} at byte {error.start} ({error.reason}); save it as UTF-8"
+        ) from None
+    limit = csv.field_size_limit()
+    csv.field_size_limit(_FIELD_SIZE_LIMIT)
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows = list(reader)
+    finally:
+        csv.field_size_limit(limit)
+    return list(reader.fieldnames or []), rows
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m modeling_medclip.labeler``: label a CSV of reports into the CheXpert labeler's CSV format."""
+    """``python -m modeling_medclip.labeler``: label a CSV of reports into the CheXpert labeler's CSV format.
+
+    The input is UTF-8 (with or without a byte-order mark). In the output, report text that a spreadsheet would run
+    as a formula (starting with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return) is written with a leading
+    ``'`` (see `escape_formula`); ``--no_escape_formulas`` writes the text unchanged.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m modeling_medclip.labeler",
-        description="Rule-based CheXpert-style labeler. Writes 'Reports' followed by the 14 CheXpert observations "
+        description="Rule-based CheXpert labeler. Writes 'Reports' followed by the 14 CheXpert observations "
         "(1.0 positive, 0.0 negative, -1.0 uncertain, empty not mentioned).",
     )
-    parser.add_argument("--input", required=True, type=Path, help="CSV file with one report per row.")
+    parser.add_argument("--input", required=True, type=Path, help="UTF-8 CSV file with one report per row.")
     parser.add_argument("--text_column", default="text", help="Column of --input holding the report text.")
     parser.add_argument("--output", required=True, type=Path, help="CSV file to write.")
     parser.add_argument("--level", choices=("report", "sentence"), default="report", help="One row per report or per sentence.")
@@ -676,41 +867,45 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="store_true",
         help="Write empty reports with empty labels (report level) or no rows (sentence level) instead of failing.",
     )
+    parser.add_argument(
+        "--no_escape_formulas",
+        action="store_true",
+        help="Write report text starting with =, +, -, @, tab or carriage return unchanged (by default it gets a "
+        "leading ' so that spreadsheet programs do not run it as a formula).",
+    )
     parser.add_argument("--phrases_dir", type=Path, default=None, help="Custom phrase folder (default: packaged).")
     args = parser.parse_args(argv)
 
     if not args.input.is_file():
         raise ValueError(f"input file {args.input} does not exist")
     labeler = CheXpertLabeler(phrases_dir=args.phrases_dir)
-    with args.input.open(newline="", encoding="utf-8") as source:
-        reader = csv.DictReader(source)
-        if reader.fieldnames is None or args.text_column not in reader.fieldnames:
-            raise ValueError(
-                f"text column {args.text_column!r} not found in {args.input} (columns: {reader.fieldnames or []})"
-            )
-        rows = []
-        for row_number, row in enumerate(reader, start=2):
-            text = row[args.text_column] or ""
-            if not text.strip():
-                if not args.skip_empty:
-                    raise ValueError(
-                        f"{args.input} line {row_number}: column {args.text_column!r} is empty "
-                        "(pass --skip_empty to write empty labels)"
-                    )
-                if args.level == "report":
-                    rows.append((text, dict.fromkeys(CHEXPERT_CLASSES)))
-                continue
+    columns, records = read_csv_rows(args.input)
+    if args.text_column not in columns:
+        raise ValueError(f"text column {args.text_column!r} not found in {args.input} (columns: {columns})")
+    rows = []
+    for row_number, row in enumerate(records, start=2):
+        text = row[args.text_column] or ""
+        if not text.strip():
+            if not args.skip_empty:
+                raise ValueError(
+                    f"{args.input} line {row_number}: column {args.text_column!r} is empty "
+                    "(pass --skip_empty to write empty labels)"
+                )
             if args.level == "report":
-                rows.append((text, labeler.label_report(text)))
-            else:
-                rows.extend(labeler.label_sentences(text))
+                rows.append((text, dict.fromkeys(CHEXPERT_CLASSES)))
+            continue
+        if args.level == "report":
+            rows.append((text, labeler.label_report(text)))
+        else:
+            rows.extend(labeler.label_sentences(text))
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with args.output.open("w", newline="", encoding="utf-8") as target:
         writer = csv.writer(target)
         writer.writerow(["Reports", *CHEXPERT_CLASSES])
         for text, labels in rows:
-            writer.writerow([text, *(_format_label(labels[name], args.uncertain) for name in CHEXPERT_CLASSES)])
+            cell = text if args.no_escape_formulas else escape_formula(text)
+            writer.writerow([cell, *(_format_label(labels[name], args.uncertain) for name in CHEXPERT_CLASSES)])
     print(f"labelled {len(rows)} {args.level} rows from {args.input} -> {args.output}", file=sys.stderr)
 
 

@@ -14,6 +14,23 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
+class _AllGather(torch.autograd.Function):
+    """All-gather of equally sized `(B, ...)` shards along dim 0; backward: the summed gradient of this shard."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.size = dist.get_rank(), tensor.shape[0]
+        chunks = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(chunks, tensor.contiguous())
+        return torch.cat(chunks)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every process backpropagates the same global loss: sum their gradients
+        return grad[ctx.rank * ctx.size : (ctx.rank + 1) * ctx.size]
+
+
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenates `tensor` (shape `(B_local, ...)`) from all processes along dim 0, keeping the autograd graph.
 
@@ -24,8 +41,6 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor
-    from torch.distributed.nn.functional import all_gather
-
     world_size = dist.get_world_size()
     local_size = torch.tensor([tensor.shape[0]], device=tensor.device)
     sizes = [torch.zeros_like(local_size) for _ in range(world_size)]
@@ -35,7 +50,7 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.shape[0] < max_size:
         padding = tensor.new_zeros((max_size - tensor.shape[0], *tensor.shape[1:]))
         tensor = torch.cat([tensor, padding])
-    gathered = all_gather(tensor)
+    gathered = _AllGather.apply(tensor).split(max_size)
     return torch.cat([chunk[:size] for chunk, size in zip(gathered, sizes)])
 
 

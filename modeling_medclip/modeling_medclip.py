@@ -300,6 +300,18 @@ class DualEncoderModel(DualEncoderPreTrainedModel):
             )
         return sigmoid_loss(logits_per_image, self.logit_bias)
 
+    def _forward_loss(self, logits_per_image, logits_per_text, image_labels, text_labels) -> torch.Tensor:
+        """`compute_loss`, except that the semantic loss without label vectors is the paired batch's InfoNCE."""
+        if self.config.loss_type != "semantic" or (image_labels is not None and text_labels is not None):
+            return self.compute_loss(logits_per_image, logits_per_text, image_labels, text_labels)
+        if logits_per_image.shape[0] != logits_per_image.shape[1]:
+            raise ValueError(
+                f"return_loss=True without label vectors takes the batch as image-text pairs, but it has "
+                f"{logits_per_image.shape[0]} images and {logits_per_image.shape[1]} texts: pass `image_labels` and "
+                "`text_labels` for the semantic loss of decoupled batches"
+            )
+        return clip_loss(logits_per_image, logits_per_text)
+
     @can_return_tuple
     def forward(
         self,
@@ -323,7 +335,10 @@ class DualEncoderModel(DualEncoderPreTrainedModel):
                 images, for the semantic loss.
             text_labels (`torch.Tensor` of shape `(text_batch_size, num_classes)`, *optional*): label vectors of the
                 texts, for the semantic loss.
-            return_loss (`bool`, *optional*): whether to compute the loss of `config.loss_type`.
+            return_loss (`bool`, *optional*): whether to compute the loss of `config.loss_type`. For the semantic loss
+                called without `image_labels` / `text_labels`, the batch is taken as image-text pairs (image `i` with
+                text `i`, as in MedCLIP's and CLIP's forward) and the loss is their symmetric InfoNCE; that needs
+                `image_batch_size == text_batch_size` (a `ValueError` says so otherwise).
             token_type_ids, position_ids (*optional*): passed to the text tower (the stock pipelines pass every
                 tokenizer output).
 
@@ -366,7 +381,7 @@ class DualEncoderModel(DualEncoderPreTrainedModel):
 
         loss = None
         if return_loss:
-            loss = self.compute_loss(logits_per_image, logits_per_text, image_labels, text_labels)
+            loss = self._forward_loss(logits_per_image, logits_per_text, image_labels, text_labels)
         return DualEncoderOutput(
             loss=loss,
             logits_per_image=logits_per_image,

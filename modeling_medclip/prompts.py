@@ -212,6 +212,43 @@ CLASS_VOCABULARY: dict[str, dict[str, list[str]]] = {
                      "in the right middle lobe"],
         "absent": ["bacterial pneumonia", "lobar pneumonia", "focal consolidation"],
     },
+    "Bacterial Pneumonia": {
+        "severity": ["", "focal", "dense", "lobar", "segmental"],
+        "subtype": [
+            "bacterial pneumonia",
+            "lobar consolidation",
+            "consolidation with air bronchograms",
+            "round pneumonia",
+            "focal alveolar consolidation",
+        ],
+        "location": ["", "in the right lower lobe", "in the left lower lobe", "in the right upper lobe",
+                     "in the right middle lobe"],
+        "absent": ["bacterial pneumonia", "lobar consolidation", "focal consolidation"],
+    },
+    "Viral Pneumonia": {
+        "severity": ["", "mild", "diffuse", "bilateral", "patchy"],
+        "subtype": [
+            "viral pneumonia",
+            "interstitial opacities",
+            "peribronchial thickening",
+            "diffuse reticular opacities",
+            "bilateral perihilar infiltrates",
+        ],
+        "location": ["", "in both lungs", "in the perihilar regions", "in a diffuse distribution",
+                     "at the lung bases"],
+        "absent": ["viral pneumonia", "interstitial opacities", "peribronchial thickening"],
+    },
+    "Abnormal": {
+        "severity": ["", "abnormal", "acute"],
+        "subtype": ["chest radiograph", "cardiopulmonary finding", "lung opacity", "pathologic finding"],
+        "location": ["", "in the lungs", "in the chest", "requiring further evaluation"],
+        "negative": [
+            "normal chest radiograph",
+            "unremarkable chest x-ray",
+            "clear lungs without acute cardiopulmonary process",
+            "no acute abnormality",
+        ],
+    },
 }
 
 # Cues that turn a finding phrase into a negative prompt ("no pleural effusion", "no evidence of cardiomegaly").
@@ -271,6 +308,23 @@ def negative_prompt_candidates(class_name: str) -> list[str]:
     return [f"{cue} {finding}" for cue, finding in itertools.product(NEGATION_CUES, words["absent"])]
 
 
+def class_prompts(class_names, n_per_class: int = 10, seed: int = 0) -> dict[str, list[str]]:
+    """Multi-class prompts of any classes of [`CLASS_VOCABULARY`]: `{class_name: [prompt, ...]}` in the given order,
+    `n_per_class` distinct prompts each (all of a class's combinations when it has fewer), drawn from `seed`."""
+    return {name: _sample(class_prompt_candidates(name), n_per_class, seed, name) for name in class_names}
+
+
+def multilabel_class_prompts(class_names, n_per_class: int = 10, seed: int = 0) -> dict[str, dict[str, list[str]]]:
+    """Multi-label prompt pairs of any classes of [`CLASS_VOCABULARY`] (see [`multilabel_prompts`])."""
+    return {
+        name: {
+            "positive": _sample(class_prompt_candidates(name), n_per_class, seed, name),
+            "negative": _sample(negative_prompt_candidates(name), n_per_class, seed, f"{name}:negative"),
+        }
+        for name in class_names
+    }
+
+
 def generate_prompts(task: str, n_per_class: int = 10, seed: int = 0) -> dict[str, list[str]]:
     """Prompts for multi-class zero-shot classification.
 
@@ -290,9 +344,7 @@ def generate_prompts(task: str, n_per_class: int = 10, seed: int = 0) -> dict[st
     >>> list(prompts)
     ['Atelectasis', 'Cardiomegaly', 'Consolidation', 'Edema', 'Pleural Effusion']
     ```"""
-    return {
-        name: _sample(class_prompt_candidates(name), n_per_class, seed, name) for name in _task_classes(task)
-    }
+    return class_prompts(_task_classes(task), n_per_class, seed)
 
 
 def multilabel_prompts(task: str, n_per_class: int = 10, seed: int = 0) -> dict[str, dict[str, list[str]]]:
@@ -309,13 +361,7 @@ def multilabel_prompts(task: str, n_per_class: int = 10, seed: int = 0) -> dict[
     Returns:
         `{class_name: {"positive": [...], "negative": [...]}}`, classes in the task's order.
     """
-    return {
-        name: {
-            "positive": _sample(class_prompt_candidates(name), n_per_class, seed, name),
-            "negative": _sample(negative_prompt_candidates(name), n_per_class, seed, f"{name}:negative"),
-        }
-        for name in _task_classes(task)
-    }
+    return multilabel_class_prompts(_task_classes(task), n_per_class, seed)
 
 
 __all__ = [
@@ -325,7 +371,9 @@ __all__ = [
     "NEGATION_CUES",
     "TASK_CLASSES",
     "class_prompt_candidates",
+    "class_prompts",
     "generate_prompts",
+    "multilabel_class_prompts",
     "multilabel_prompts",
     "negative_prompt_candidates",
 ]

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from transformers import BertConfig, ViTConfig
 
 from modeling_medclip import ConVIRTConfig, ConVIRTModel, MedCLIPConfig, MedCLIPModel
-from modeling_medclip.training import ContrastiveTrainer, TrainingArguments, build_optimizer
+from modeling_medclip.training import ContrastiveTrainer, OptimizationArguments, build_optimizer
 
 GLOBAL_IMAGES, GLOBAL_TEXTS, SEQUENCE_LENGTH, NUM_CLASSES = 8, 6, 12, 14
 
@@ -63,7 +63,7 @@ def shard(batch: dict, rank: int, world_size: int) -> dict:
     return {key: part(value) for key, value in batch.items()}
 
 
-def reference_step(model, batch: dict, args: TrainingArguments):
+def reference_step(model, batch: dict, args: OptimizationArguments):
     """One process, whole batch, plain PyTorch: what the distributed step must reproduce."""
     model.train()
     optimizer = build_optimizer(model, args)
@@ -78,7 +78,7 @@ def reference_step(model, batch: dict, args: TrainingArguments):
 
 def main(output_path: str) -> None:
     accelerator = Accelerator(cpu=True)
-    args = TrainingArguments(
+    args = OptimizationArguments(
         output_dir="unused", optim="sgd", learning_rate=0.5, head_learning_rate=2.0, max_grad_norm=1.0
     )
     results = {"world_size": accelerator.num_processes}

@@ -1,17 +1,13 @@
 """Shared pytest fixtures: paths to the real data in ``../shared/data`` and tiny model configs."""
 
-import os
 from pathlib import Path
 
 import pytest
 from hub_server import hub_server_fixture  # noqa: F401  (the `hub_server` fixture for every test file)
 
+from dataset_scripts.paths import shared_data_dir
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def shared_data_dir() -> Path:
-    """The real data folder: ``$MEDCLIP_SHARED_DATA`` or ``<repo>/../shared/data``."""
-    return Path(os.environ.get("MEDCLIP_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
 @pytest.fixture(scope="session")

@@ -13,13 +13,17 @@ from datasets import load_dataset
 
 from dataset_scripts import (
     BUILDERS,
+    NIH_CLASSES,
+    PEDIATRIC_PNEUMONIA_CLASSES,
     build_chexpert,
     build_covid_cxr,
     build_image_csv,
     build_image_folder,
     build_iu_xray,
     build_mimic_cxr,
+    build_nih_cxr14,
     build_parquet,
+    build_pediatric_pneumonia,
     build_rsna_pneumonia,
     extract_sections,
     patient_split,
@@ -339,3 +343,90 @@ def test_collator_corrupt_file_in_dataloader_with_two_workers(tmp_path, covid_cx
     assert sum(len(batch.get("pixel_values", [])) for batch in batches) == 7
     seen = [image_id for batch in batches for image_id in batch.get("image_ids", [])]
     assert sorted(seen) == sorted(good)  # image_id defaults to the image path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# NIH ChestX-ray14 and pediatric pneumonia
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _nih_fixture(root, single_folder: bool):
+    names = ["00000001_000.png", "00000001_001.png", "00000002_000.png", "00000003_000.png"]
+    for i, name in enumerate(names):
+        folder = root / "images" if single_folder else root / f"images_00{1 + i // 2}" / "images"
+        _write_jpeg(folder / name)
+    pd.DataFrame(
+        {"Image Index": names, "Finding Labels": ["Effusion|Mass", "No Finding", "Infiltration|Hernia", "Emphysema"],
+         "Follow-up #": [0, 1, 0, 0], "Patient ID": [1, 1, 2, 3], "Patient Age": 50, "Patient Gender": "M",
+         "View Position": ["PA", "AP", "PA", "PA"]}
+    ).to_csv(root / "Data_Entry_2017.csv", index=False)
+    return names
+
+
+@pytest.mark.parametrize("single_folder", [False, True])
+def test_nih_cxr14_layouts_and_label_mapping(tmp_path, single_folder):
+    names = _nih_fixture(tmp_path, single_folder)
+    rows = list(build_nih_cxr14(tmp_path, num_shards=2))
+    assert [row["image_id"] for row in rows] == names
+    assert all(os.path.isfile(row["image"]) for row in rows)
+    assert [row["patient_id"] for row in rows] == ["1", "1", "2", "3"]
+
+    def positives(vector, names_):
+        return {name for name, value in zip(names_, vector) if value == 1.0}
+
+    assert positives(rows[0]["labels"], CHEXPERT_CLASSES) == {"Pleural Effusion", "Lung Lesion"}
+    assert positives(rows[0]["nih_labels"], NIH_CLASSES) == {"Effusion", "Mass"}
+    assert positives(rows[1]["labels"], CHEXPERT_CLASSES) == {"No Finding"} and sum(rows[1]["nih_labels"]) == 0
+    assert positives(rows[2]["labels"], CHEXPERT_CLASSES) == {"Lung Opacity"}  # Hernia has no counterpart
+    assert positives(rows[2]["nih_labels"], NIH_CLASSES) == {"Infiltration", "Hernia"}
+    assert sum(rows[3]["labels"]) == 0 and rows[3]["finding_labels"] == "Emphysema"
+    (tmp_path / ("images" if single_folder else "images_002/images") / names[-1]).unlink()
+    with pytest.raises(FileNotFoundError, match=names[-1]):
+        build_nih_cxr14(tmp_path)
+
+
+def test_nih_cxr14_shared_folder(shared_data):
+    root = shared_data / "nih-cxr14-1000"
+    metadata = pd.read_csv(root / "Data_Entry_2017_v2020.csv")
+    rows = list(build_nih_cxr14(root))
+    assert len(rows) == len(metadata) == 1000
+    assert len({row["patient_id"] for row in rows}) == metadata["Patient ID"].nunique() == 264
+    no_finding = CHEXPERT_CLASSES.index("No Finding")
+    assert sum(row["labels"][no_finding] for row in rows) == (metadata["Finding Labels"] == "No Finding").sum()
+    effusion = CHEXPERT_CLASSES.index("Pleural Effusion")
+    assert sum(row["labels"][effusion] for row in rows) == metadata["Finding Labels"].str.contains("Effusion").sum()
+    assert all(os.path.isfile(row["image"]) for row in rows[:20])
+
+
+def test_pediatric_pneumonia_fixture_and_shared_folder(tmp_path, shared_data):
+    for name in ("train/NORMAL/NORMAL-11-0001.jpeg", "train/PNEUMONIA/BACTERIA-12-0001.jpeg",
+                 "train/PNEUMONIA/VIRUS-12-0002.jpeg"):  # fmt: skip
+        _write_jpeg(tmp_path / name)
+    pd.DataFrame(
+        {"image": ["train/NORMAL/NORMAL-11-0001.jpeg", "train/PNEUMONIA/BACTERIA-12-0001.jpeg",
+                   "train/PNEUMONIA/VIRUS-12-0002.jpeg"],
+         "label": ["normal", "bacterial pneumonia", "viral pneumonia"], "patient_id": ["11", "12", "12"]}
+    ).to_csv(tmp_path / "metadata.csv", index=False)
+    rows = list(build_pediatric_pneumonia(tmp_path))
+    pneumonia, no_finding = CHEXPERT_CLASSES.index("Pneumonia"), CHEXPERT_CLASSES.index("No Finding")
+    assert [PEDIATRIC_PNEUMONIA_CLASSES[row["finding"]] for row in rows] == ["normal", "bacterial pneumonia",
+                                                                               "viral pneumonia"]  # fmt: skip
+    assert rows[0]["labels"][no_finding] == 1.0 and sum(rows[0]["labels"]) == 1.0
+    assert all(row["labels"][pneumonia] == 1.0 and sum(row["labels"]) == 1.0 for row in rows[1:])
+    assert [row["patient_id"] for row in rows] == ["11", "12", "12"]
+    pd.DataFrame({"image": ["x.jpeg"], "label": ["fungal"], "patient_id": ["1"]}).to_csv(tmp_path / "metadata.csv")
+    with pytest.raises(ValueError, match="fungal"):
+        build_pediatric_pneumonia(tmp_path)
+
+    root = shared_data / "pediatric-pneumonia-cxr"
+    rows = list(build_pediatric_pneumonia(root))
+    counts = pd.Series([PEDIATRIC_PNEUMONIA_CLASSES[row["finding"]] for row in rows]).value_counts()
+    assert counts.to_dict() == {"bacterial pneumonia": 2538, "normal": 1349, "viral pneumonia": 1345}
+    assert len({row["patient_id"] for row in rows}) == 2650
+
+
+def test_builder_registry_names_every_builder():
+    assert {"mimic_cxr", "chexpert", "iu_xray", "covid_cxr", "rsna", "image_folder", "nih_cxr14",
+            "pediatric_pneumonia"} <= set(BUILDERS)  # fmt: skip
+    assert BUILDERS["nih_cxr14"].build is build_nih_cxr14
+    assert all(builder.image_labels and builder.description for builder in BUILDERS.values())

@@ -9,15 +9,9 @@ from conftest import REPO_ROOT, tiny_config
 from huggingface_hub import ModelCard
 from transformers import AutoTokenizer
 
+from dataset_scripts.tasks import get_task
 from modeling_medclip import MedCLIPImageProcessor, MedCLIPModel, MedCLIPProcessor
-from modeling_medclip.evaluation import (
-    EvaluationSplit,
-    covid_cxr_split,
-    covid_prompts,
-    evaluate_split,
-    format_results_table,
-    load_images,
-)
+from modeling_medclip.evaluation import EvaluationSplit, evaluate_split, format_results_table, load_images
 from modeling_medclip.metrics import zero_shot_metrics
 from modeling_medclip.zero_shot import ZeroShotClassifier
 
@@ -30,19 +24,12 @@ def model_and_processor(tokenizer_dir):
     return model, processor
 
 
-def test_covid_split_is_patient_disjoint_and_labelled(covid_cxr_dir):
-    train, test = covid_cxr_split(covid_cxr_dir, "train"), covid_cxr_split(covid_cxr_dir, "test")
-    assert len(train.images) + len(test.images) == 495
-    assert not set(train.images) & set(test.images)
-    assert test.class_names == ["COVID-19", "Other pneumonia", "No Finding"]
-    assert set(test.labels) <= {0, 1, 2} and len(set(train.labels)) == 3
-
-
 def test_evaluate_split_matches_the_zero_shot_classifier(model_and_processor, covid_cxr_dir):
     model, processor = model_and_processor
-    full = covid_cxr_split(covid_cxr_dir, "test")
+    task = get_task("covid-cxr")
+    full = task.split(covid_cxr_dir)
     split = EvaluationSplit(full.images[:12], full.labels[:12], full.class_names, full.texts[:12])
-    prompts = covid_prompts(split.class_names, n_per_class=3)
+    prompts = task.prompts(n_per_class=3)
     results = evaluate_split(model, processor, split, prompts, ks=(1, 5))
     probs = ZeroShotClassifier(model, processor, prompts).classify(load_images(split.images)).probs
     expected = zero_shot_metrics(probs, split.labels)
@@ -70,12 +57,14 @@ def test_run_eval_writes_results_and_a_model_card(model_and_processor, covid_cxr
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
     results = run_eval.main(
-        ["--model_name_or_path", str(tmp_path / "model"), "--data_dir", str(covid_cxr_dir),
+        ["--model_name_or_path", str(tmp_path / "model"), "--eval_tasks", f"covid-cxr={covid_cxr_dir}",
          "--prompts_per_class", "2", "--output_dir", str(tmp_path / "eval")]
-    )
+    )["covid-cxr"]
     saved = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
-    assert saved == pytest.approx(results)
+    assert saved["covid-cxr"] == pytest.approx(results)
     card = ModelCard.load(tmp_path / "eval" / "README.md")
-    metrics = {m.metric_type: m.metric_value for m in card.data.eval_results}
+    metrics = {m.metric_type: m.metric_value for m in card.data.eval_results if m.dataset_name == "covid-cxr"}
     assert metrics["zero_shot_macro_auc"] == pytest.approx(results["zero_shot_macro_auc"], abs=1e-4)
+    split_ids = json.loads((tmp_path / "eval" / "eval_splits" / "covid-cxr.json").read_text())
+    assert len(split_ids["image_ids"]) == results["num_images"]
     assert "not** a medical device" in card.text

@@ -23,7 +23,7 @@ from modeling_medclip import (
     MedCLIPForImageClassification,
     MedCLIPModel,
 )
-from modeling_medclip.losses import semantic_matching_loss
+from modeling_medclip.losses import clip_loss, semantic_matching_loss
 
 
 def _text_batch(batch_size=3, length=9, seed=0):
@@ -188,8 +188,12 @@ def test_forward_loss_is_the_configured_loss():
     )
     expected = semantic_matching_loss(output.logits_per_image, output.logits_per_text, image_labels, text_labels)
     torch.testing.assert_close(output.loss, expected)
-    with pytest.raises(ValueError, match="image_labels"):
-        model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=torch.randn(3, 1, 32, 32), return_loss=True)
+    # without label vectors, a batch of as many images as texts is a paired batch: its InfoNCE, as in CLIPModel
+    paired = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=torch.randn(3, 1, 32, 32),
+                   return_loss=True)  # fmt: skip
+    torch.testing.assert_close(paired.loss, clip_loss(paired.logits_per_image, paired.logits_per_text))
+    with pytest.raises(ValueError, match="2 images and 3 texts.*image_labels"):
+        model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=torch.randn(2, 1, 32, 32), return_loss=True)
 
 
 def test_sigmoid_loss_has_a_learnable_bias():

@@ -1,4 +1,4 @@
-"""Tests of the pretraining loop (`modeling_medclip/training.py`, `checkpointing.py`) and `run_pretrain.py`.
+"""Tests of the pretraining package (`modeling_medclip/training/`), its checkpoints and `run_pretrain.py`.
 
 The distributed test starts 2 real CPU processes (gloo) with `accelerate launch`; the loop tests train tiny towers on
 the real covid-cxr images and notes of the shared data folder.
@@ -25,7 +25,7 @@ from modeling_medclip.checkpointing import sorted_checkpoints, write_checkpoint
 from modeling_medclip.training import (
     PRESETS,
     ContrastiveTrainer,
-    TrainingArguments,
+    OptimizationArguments,
     build_optimizer,
     build_parser,
     parameter_groups,
@@ -83,7 +83,7 @@ def test_precedence_defaults_preset_file_flags(tmp_path):
     assert args.training.learning_rate == PRESETS["convirt"]["learning_rate"]
 
     args = parse_args(["--preset", "none"])
-    assert args.training.max_steps == TrainingArguments.max_steps
+    assert args.training.max_steps == OptimizationArguments.max_steps
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("learning_rat: 0.1\n")
@@ -101,13 +101,21 @@ def test_help_documents_every_flag():
         "accumulation_mode", "metric_for_best_model", "greater_is_better", "preset", "config",
     ):  # fmt: skip
         assert f"--{flag}" in help_text, flag
+    helps = {}
     for action in build_parser()._actions:
         assert action.help, f"{action.option_strings} has no help"
+        assert action.help not in helps.values(), f"{action.option_strings} repeats the help of {helps}"
+        helps[action.dest] = action.help
+    assert "(default: None)" not in help_text
+    for paragraph in help_text.split("\n  --"):
+        assert " ".join(paragraph.split()).lower().count("default:") <= 1, paragraph
+    for name in ("mimic_cxr", "chexpert", "nih_cxr14", "pediatric_pneumonia", "covid-cxr", "chexpert-5x200"):
+        assert name in help_text, name
 
 
 def test_parameter_groups_exclude_frozen_and_skip_decay_on_norms_biases_and_logit_scale():
     model = tiny_model("convirt")  # ConVIRT config: first text layer and embeddings frozen, fixed logit scale
-    args = TrainingArguments(output_dir="unused", learning_rate=1e-4, head_learning_rate=1e-3, weight_decay=0.1)
+    args = OptimizationArguments(output_dir="unused", learning_rate=1e-4, head_learning_rate=1e-3, weight_decay=0.1)
     groups = {group["group_name"]: group for group in parameter_groups(model, args)}
     names = {id(p): n for n, p in model.named_parameters()}
     in_optimizer = {names[id(p)] for group in groups.values() for p in group["params"]}
@@ -152,9 +160,9 @@ def test_two_processes_match_one_process_on_the_concatenated_batch(tmp_path):
             assert result["logit_scale_update"] > 1e-4, result
 
 
-def _step_args(**overrides) -> TrainingArguments:
+def _step_args(**overrides) -> OptimizationArguments:
     """The step settings of `_train_worker.py` (SGD, separate head LR, clipping)."""
-    return TrainingArguments(
+    return OptimizationArguments(
         output_dir="unused", optim="sgd", learning_rate=0.5, head_learning_rate=2.0, max_grad_norm=1.0, **overrides
     )
 
@@ -300,22 +308,31 @@ def test_push_to_hub_uploads_checkpoints_and_the_final_model(hub_server, tmp_pat
 
 
 @pytest.mark.slow
-def test_run_pretrain_tiny_end_to_end(tmp_path, shared_data):
+def test_run_pretrain_with_two_processes_end_to_end(tmp_path, shared_data):
+    """The README's launch command: `accelerate launch --multi_gpu --num_processes 2 run_pretrain.py --preset tiny`."""
     output_dir = tmp_path / "run"
-    completed = subprocess.run(
-        [sys.executable, "run_pretrain.py", "--preset", "tiny", "--output_dir", str(output_dir), "--disable_tqdm"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+        "run_pretrain.py", "--preset", "tiny", "--output_dir", str(output_dir), "--disable_tqdm",
+    ]  # fmt: skip
+    completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert completed.returncode == 0, completed.stderr[-4000:]
+    log = completed.stdout + completed.stderr
+    for noise in ("Writing model shards", "Loading weights", "FutureWarning", "Traceback"):
+        assert noise not in log, noise
+    assert completed.stdout.count("| metric | before training | after 4 steps |") == 1  # printed by rank 0 only
     entries = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [entry["loss"] for entry in entries if "loss" in entry]
     assert len(losses) == PRESETS["tiny"]["max_steps"]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert any("eval_loss" in entry for entry in entries)
+    assert all(entry["skipped_images"] == 0 for entry in entries if "loss" in entry)
     assert [p.name for p in sorted_checkpoints(output_dir)] == ["checkpoint-2", "checkpoint-4"]
     checkpoint = output_dir / "checkpoint-4"
     for name in ("model.safetensors", "config.json", "optimizer.pt", "scheduler.pt", "rng_state_0.pt",
-                 "data_state_0.json", "trainer_state.json", "tokenizer.json"):  # fmt: skip
+                 "rng_state_1.pt", "data_state_1.json", "trainer_state.json", "tokenizer.json"):  # fmt: skip
         assert (checkpoint / name).is_file(), name
     for folder in (output_dir / "final", output_dir / "best"):
         model = AutoModel.from_pretrained(folder)
@@ -325,31 +342,60 @@ def test_run_pretrain_tiny_end_to_end(tmp_path, shared_data):
     card = (output_dir / "final" / "README.md").read_text()
     assert card.startswith("---") and "\n# run\n" in card  # named after the run's output folder
     assert "| metric | before training | after 4 steps |" in card
+    held_out = json.loads((output_dir / "eval_splits" / "covid-cxr.json").read_text())
+    assert held_out["patient_ids"] and len(held_out["image_ids"]) > 0
+    assert json.loads((output_dir / "train_results.json").read_text())["skipped_images"] == 0
 
 
-def test_image_label_vectors_from_the_note_or_corrected_by_the_class(covid_cxr_dir):
-    from dataset_scripts.covid_cxr import COVID_CXR_CLASSES, build_covid_cxr
-    from modeling_medclip.labeler import CHEXPERT_CLASSES, CheXpertLabeler
-    from modeling_medclip.training import _report_labelled
+def test_a_non_empty_output_dir_is_refused_unless_overwritten(tmp_path, shared_data):
+    run = tmp_path / "run"
+    (run / "checkpoint-3").mkdir(parents=True)
+    (run / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    (run / "final").mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 3, "loss": 1.0}\n')
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="--overwrite_output_dir"):
+        train(tiny_run_args(run, "--max_steps", "1"))
+    assert (run / "checkpoint-3").is_dir()  # nothing was touched
+    AcceleratorState._reset_state(reset_partial_state=True)
+    result = train(tiny_run_args(run, "--max_steps", "1", "--save_steps", "0", "--overwrite_output_dir"))
+    assert result.global_step == 1
+    assert not (run / "checkpoint-3").exists() and (run / "notes.txt").read_text() == "mine"
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 1  # the old run's metrics are gone
 
-    examples = list(build_covid_cxr(covid_cxr_dir, require_text=True))
-    from_note = list(_report_labelled(build_covid_cxr(covid_cxr_dir, require_text=True), "positive"))
-    with_class = list(_report_labelled(build_covid_cxr(covid_cxr_dir, require_text=True), "positive", with_class=True))
-    labeler = CheXpertLabeler()
-    pneumonia, no_finding = CHEXPERT_CLASSES.index("Pneumonia"), CHEXPERT_CLASSES.index("No Finding")
-    seen = set()
-    for example, note, corrected in zip(examples, from_note, with_class):
-        assert note["labels"] == labeler.label_vector(example["text"], uncertain="positive")
-        name = COVID_CXR_CLASSES[example["labels"]]
-        seen.add(name)
-        if name == "No Finding":
-            assert corrected["labels"][no_finding] == 1.0 and corrected["labels"][pneumonia] == 0.0
-        else:
-            assert corrected["labels"][pneumonia] == 1.0 and corrected["labels"][no_finding] == 0.0
-            # the note's other findings are kept
-            others = [i for i in range(len(CHEXPERT_CLASSES)) if i not in (pneumonia, no_finding)]
-            assert [corrected["labels"][i] for i in others] == [note["labels"][i] for i in others]
-    assert seen == set(COVID_CXR_CLASSES)
+
+def test_unreadable_images_are_counted_logged_and_saved(tmp_path, shared_data):
+    import numpy as np
+    import PIL.Image
+
+    for index in range(6):
+        for name in ("normal", "pneumonia"):
+            path = tmp_path / "images" / name / f"{index}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            PIL.Image.fromarray(np.full((40, 40), 30 * index, dtype=np.uint8)).save(path)
+    (tmp_path / "images" / "normal" / "broken.png").write_bytes(b"not a png")
+    result = train(tiny_run_args(
+        tmp_path / "run", "--image_dataset", f"image_folder={tmp_path / 'images'}", "--batching", "decoupled",
+        "--loss_type", "semantic", "--text_dataset", "iu_xray", "--per_device_train_batch_size", "13",
+        "--max_steps", "2", "--save_steps", "1", "--eval_steps", "0",
+    ))  # fmt: skip
+    assert result.metrics["skipped_images"] == 2  # the broken file, once per epoch (13 images per epoch)
+    entries = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [entry["skipped_images"] for entry in entries if "loss" in entry] == [1, 2]
+    assert json.loads((tmp_path / "run" / "train_results.json").read_text())["skipped_images"] == 2
+    state = json.loads((tmp_path / "run" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["skipped_images"] == 2  # a resumed run goes on counting
+
+
+def test_mixed_precision_defaults_to_the_accelerate_launch_choice(monkeypatch):
+    from modeling_medclip.training.loop import build_accelerator
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert parse_args(["--preset", "tiny"]).training.mixed_precision is None
+    assert build_accelerator(parse_args(["--preset", "tiny"]).training).mixed_precision == "bf16"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert build_accelerator(parse_args(["--preset", "tiny", "--mixed_precision", "no"]).training).mixed_precision == "no"
 
 
 def test_one_pretrained_tower_and_one_from_a_named_config(tmp_path, tokenizer_dir):
