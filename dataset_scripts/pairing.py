@@ -18,7 +18,7 @@ each process drops fewer than `image_batch_size` examples per epoch (its incompl
 (a new shuffled pass, see below) whenever it runs out before the images, so the *image* stream defines the epoch.
 
 Text sampling. `DecoupledBatches(text_sampling="uniform")` reads the text stream in order, so a batch's texts follow
-the corpus's label distribution (87.5% of the IU report sentences are "No Finding" by the labeler: most images of a
+the corpus's label distribution (about 77% of the IU report sentences are "No Finding" by the labeler: most images of a
 batch then have no text that shares their finding). `text_sampling="label_matched"` draws the texts in proportion
 to the image batch's labels: text `k` is drawn from the texts that share a positive class with image
 `k mod B_img` (one of that image's positive classes, picked at random), from all texts when the image has no
@@ -26,9 +26,10 @@ positive class or no text has it. The draw uses `numpy.random.default_rng([seed,
 batch_index])`, so it is as deterministic and resumable as the rest of the stream; each worker pools the texts of
 its own shards once (they are held in memory: report sentences are small).
 
-Randomness. With `shuffle_buffer_size`, both streams are `shuffle(seed, buffer_size, max_buffer_input_shards=1)`-ed:
-the shard order is permuted per epoch from (seed, epoch) and examples go through a buffer whose generator is shifted by
-the epoch and the worker id. ConVIRT's sentence choice is drawn from `numpy.random.default_rng([seed, epoch,
+Randomness. With `shuffle_buffer_size`, both streams are `shuffle(seed, buffer_size, max_buffer_input_shards=num_shards)`
+-ed: the shard order is permuted per epoch from (seed, epoch), the shards of a worker are interleaved into one buffer
+(so a corpus stored sorted by class still gives batches of mixed classes) whose generator is shifted by the epoch and
+the worker id. (In datasets 5.2 interleaving *arrow* shards, e.g. local parquet files, waits about 5 s per pass.) ConVIRT's sentence choice is drawn from `numpy.random.default_rng([seed, epoch,
 crc32(image_id)])`. All of it depends only on (seed, epoch, num_workers, world_size), so two runs give the same
 batches, and a new `set_epoch` gives new ones.
 
@@ -128,7 +129,11 @@ class _BatchStream(torch.utils.data.IterableDataset):
         if self.world_size > 1:
             dataset = split_dataset_by_node(dataset, rank=self.rank, world_size=self.world_size)
         if self.shuffle_buffer_size:
-            dataset = dataset.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer_size, max_buffer_input_shards=1)
+            # every shard feeds the buffer at once: a corpus stored sorted by class (as builders index many) would
+            # otherwise give batches of one class, where the semantic loss has nothing to contrast
+            dataset = dataset.shuffle(
+                seed=self.seed, buffer_size=self.shuffle_buffer_size, max_buffer_input_shards=dataset.num_shards
+            )
         return dataset
 
     def set_epoch(self, epoch: int) -> None:

@@ -190,7 +190,7 @@ def _shares_a_class(image: dict, text: dict) -> bool:
 def test_label_matched_texts_follow_the_image_labels(covid_cxr_dir, iu_reports_dir):
     texts = report_sentences(build_iu_xray(iu_reports_dir, num_shards=2).take(600))
     no_finding = [t["labels"][0] > 0 for t in texts]
-    assert sum(no_finding) / len(no_finding) > 0.8  # the IU sentences are mostly "No Finding"
+    assert sum(no_finding) / len(no_finding) > 0.7  # the IU sentences are mostly "No Finding"
 
     def batches(text_sampling):
         return list(
