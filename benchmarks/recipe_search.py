@@ -36,28 +36,23 @@ from datasets import Dataset
 from sklearn.metrics import roc_auc_score
 
 from dataset_scripts import build_iu_xray, patient_split, report_sentences
+from dataset_scripts.paths import shared_data_dir
+from dataset_scripts.sources import image_stream, parse_source
 from dataset_scripts.pairing import DecoupledBatches
 from modeling_medclip.augmentation import build_augmentation
 from modeling_medclip.collator import MedCLIPCollator
 from modeling_medclip.evaluation import load_images
 from modeling_medclip.labeler import CHEXPERT_CLASSES, CheXpertLabeler
 from modeling_medclip.prompts import generate_prompts, multilabel_prompts
-from modeling_medclip.training import ContrastiveTrainer, ModelArguments, TrainingArguments, build_model_and_processor
+from modeling_medclip.training import ContrastiveTrainer, ModelArguments, OptimizationArguments, build_model_and_processor
+from modeling_medclip.training.presets import fast_bf16_cpu
 from modeling_medclip.zero_shot import ZeroShotClassifier
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("MEDCLIP_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
-
-# NIH ChestX-ray14 names onto CheXpert's observations (the folder's README); Emphysema, Fibrosis, Hernia: none.
-NIH_TO_CHEXPERT = {
-    "No Finding": "No Finding", "Atelectasis": "Atelectasis", "Cardiomegaly": "Cardiomegaly",
-    "Consolidation": "Consolidation", "Edema": "Edema", "Pneumonia": "Pneumonia", "Pneumothorax": "Pneumothorax",
-    "Effusion": "Pleural Effusion", "Mass": "Lung Lesion", "Nodule": "Lung Lesion", "Infiltration": "Lung Opacity",
-    "Pleural_Thickening": "Pleural Other",
-}  # fmt: skip
+DATA_DIR = shared_data_dir()
 
 BASE = {
-    "sources": {"pediatric-pneumonia": 1, "nih-cxr14": 1},  # corpus -> how many times its images are repeated
+    "sources": {"pediatric_pneumonia": 1, "nih_cxr14": 1},  # corpus -> how many times its images are repeated
     "image_size": 96,
     "vision_config": "small-resnet",
     "text_config": "small-bert",
@@ -94,54 +89,18 @@ TRIALS = {
     "lr1e-3": {"learning_rate": 1e-3, "head_learning_rate": 3e-3},
     "lr1e-4": {"learning_rate": 1e-4, "head_learning_rate": 3e-4},
     "steps400": {"steps": 400},
-    "pediatric-only": {"sources": {"pediatric-pneumonia": 1}},
-    "nih-x3": {"sources": {"pediatric-pneumonia": 1, "nih-cxr14": 3}},
-    "with-covid": {"sources": {"pediatric-pneumonia": 1, "nih-cxr14": 1, "covid-cxr": 1}},
+    "pediatric-only": {"sources": {"pediatric_pneumonia": 1}},
+    "nih-x3": {"sources": {"pediatric_pneumonia": 1, "nih_cxr14": 3}},
+    "with-covid": {"sources": {"pediatric_pneumonia": 1, "nih_cxr14": 1, "covid_cxr": 1}},
     "uncertain-negative": {"uncertain": "negative"},
     "uncertain-ignore": {"uncertain": "ignore"},
 }
 
 
-def fast_bf16_cpu() -> bool:
-    """Whether this CPU runs bf16 matmuls natively (AMX or AVX512-BF16); elsewhere bf16 autocast is slower."""
-    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-
-
-def _vector(names) -> list[float]:
-    return [float(name in names) for name in CHEXPERT_CLASSES]
-
-
 def load_corpus(name: str) -> pd.DataFrame:
-    """One image corpus as `image` (path), `labels` (14 CheXpert floats), `patient_id`, `finding` (source label)."""
-    if name == "pediatric-pneumonia":
-        root = DATA_DIR / "pediatric-pneumonia-cxr"
-        table = pd.read_csv(root / "metadata.csv", dtype={"patient_id": str})
-        return pd.DataFrame({
-            "image": [str(root / path) for path in table["image"]],
-            "labels": [_vector(["No Finding" if label == "normal" else "Pneumonia"]) for label in table["label"]],
-            "patient_id": table["patient_id"],
-            "finding": table["label"],
-        })  # fmt: skip
-    if name == "nih-cxr14":
-        root = DATA_DIR / "nih-cxr14-1000"
-        table = pd.read_csv(root / "Data_Entry_2017_v2020.csv")
-        findings = [labels.split("|") for labels in table["Finding Labels"]]
-        return pd.DataFrame({
-            "image": [str(root / "images" / image) for image in table["Image Index"]],
-            "labels": [_vector({NIH_TO_CHEXPERT[n] for n in names if n in NIH_TO_CHEXPERT}) for names in findings],
-            "patient_id": table["Patient ID"].astype(str),
-            "finding": table["Finding Labels"],
-        })  # fmt: skip
-    if name == "covid-cxr":
-        root = DATA_DIR / "covid-cxr"
-        table = pd.read_csv(root / "metadata.csv")
-        return pd.DataFrame({
-            "image": [str(root / file) for file in table["file_name"]],
-            "labels": [_vector(["No Finding"] if nf else ["Pneumonia"]) for nf in table["is_no_finding"]],
-            "patient_id": table["patient_id"].astype(str),
-            "finding": table["finding"],
-        })  # fmt: skip
-    raise ValueError(f"unknown corpus {name!r}")
+    """One image corpus (a builder of the registry, from its shared folder) in the training stream's common form:
+    `image`, `labels` (14 CheXpert floats, from the corpus's own labels), `patient_id`, ..."""
+    return pd.DataFrame(list(image_stream([parse_source(name)])))
 
 
 def search_splits(name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -173,7 +132,7 @@ def image_stream(splits: dict, sources: dict[str, int], seed: int = 0):
     give batches of one class, where the semantic loss has nothing to contrast."""
     tables = [splits[name][0] for name, repeat in sources.items() for _ in range(repeat)]
     table = pd.concat(tables, ignore_index=True).sample(frac=1.0, random_state=seed).reset_index(drop=True)
-    table["image_id"] = [f"{i}" for i in range(len(table))]
+    table["image_id"] = [str(i) for i in range(len(table))]
     return Dataset.from_pandas(table[["image", "labels", "patient_id", "image_id"]]).to_iterable_dataset(num_shards=8)
 
 
@@ -188,11 +147,10 @@ def build_model(settings: dict):
         text_model_name_or_path=text_model,
         projection_dim=settings["projection_dim"],
         label_similarity_scale=settings["label_similarity_scale"],
+        normalize_label_vectors=settings["normalize_label_vectors"],
         image_size=settings["image_size"],
     )
-    model, processor = build_model_and_processor(model_args)
-    model.config.normalize_label_vectors = settings["normalize_label_vectors"]
-    return model, processor
+    return build_model_and_processor(model_args)
 
 
 @torch.no_grad()
@@ -209,7 +167,7 @@ def validate(model, processor, validation: dict, pixel_cache: dict, image_size: 
             ])  # fmt: skip
         pixels = pixel_cache[key]
         labels = np.array(table["labels"].tolist())
-        if name in ("pediatric-pneumonia", "covid-cxr"):
+        if name in ("pediatric_pneumonia", "covid_cxr"):
             rsna = generate_prompts("rsna")
             classifier = ZeroShotClassifier(model, processor, {"Pneumonia": rsna["Pneumonia"], "Normal": rsna["Normal"]})
             probs = classifier.classify(pixels).probs[:, 0].numpy()
@@ -235,7 +193,7 @@ def run_trial(name: str, settings: dict, splits: dict, texts: dict, pixel_cache:
     model, processor = build_model(settings)
     bf16 = settings["mixed_precision"] == "bf16" or (settings["mixed_precision"] == "auto" and fast_bf16_cpu())
     accelerator = Accelerator(cpu=True, mixed_precision="bf16" if bf16 else "no")
-    args = TrainingArguments(
+    args = OptimizationArguments(
         output_dir="/tmp/recipe-search",
         learning_rate=settings["learning_rate"],
         head_learning_rate=settings["head_learning_rate"],
@@ -243,7 +201,7 @@ def run_trial(name: str, settings: dict, splits: dict, texts: dict, pixel_cache:
         warmup_steps=settings["warmup_steps"],
     )
     trainer = ContrastiveTrainer(accelerator, model, args, settings["steps"])
-    before = validate(trainer.unwrapped, processor, {n: splits[n] for n in splits if n != "covid-cxr"}, pixel_cache,
+    before = validate(trainer.unwrapped, processor, {n: splits[n] for n in splits if n != "covid_cxr"}, pixel_cache,
                       settings["image_size"])  # fmt: skip
     if settings["uncertain"] not in texts:
         texts[settings["uncertain"]] = text_stream(settings["uncertain"])
@@ -270,7 +228,7 @@ def run_trial(name: str, settings: dict, splits: dict, texts: dict, pixel_cache:
                 break
         stream.set_epoch(stream.epoch + 1)
     train_seconds = time.perf_counter() - start
-    after = validate(trainer.unwrapped, processor, {n: splits[n] for n in splits if n != "covid-cxr"}, pixel_cache,
+    after = validate(trainer.unwrapped, processor, {n: splits[n] for n in splits if n != "covid_cxr"}, pixel_cache,
                      settings["image_size"])  # fmt: skip
     return {
         "trial": name,
@@ -340,11 +298,12 @@ def results_table(path: str) -> str:
     ]
     for line in Path(path).read_text().splitlines():
         record = json.loads(line)
-        changes = {k: v for k, v in record["settings"].items() if BASE.get(k) != v}
-        metrics = record["validation"]
+        settings = {**record["settings"], "sources": {k.replace("-", "_"): v for k, v in record["settings"]["sources"].items()}}
+        changes = {k: v for k, v in settings.items() if BASE.get(k) != v}
+        metrics = {key.replace("-", "_"): value for key, value in record["validation"].items()}
         lines.append(
             f"| {record['trial']} | {json.dumps(changes) if changes else '-'} | "
-            f"{metrics['pediatric-pneumonia_pneumonia_auc']:.3f} | {metrics['nih_macro_auc']:.3f} | "
+            f"{metrics['pediatric_pneumonia_pneumonia_auc']:.3f} | {metrics['nih_macro_auc']:.3f} | "
             f"{metrics['nih_abnormal_auc']:.3f} | {record['loss_first10']:.2f} -> {record['loss_last10']:.2f} | "
             f"{record['wall_seconds']:.0f} |"
         )
@@ -391,7 +350,7 @@ def main() -> None:
     for trial in args.trials:
         settings = {**BASE, **TRIALS[trial], **extra}
         name = trial + "".join(f"+{key}={json.dumps(value)}" for key, value in extra.items())
-        for corpus in set(settings["sources"]) | {"pediatric-pneumonia", "nih-cxr14"}:
+        for corpus in set(settings["sources"]) | {"pediatric_pneumonia", "nih_cxr14"}:
             if corpus not in splits:
                 splits[corpus] = search_splits(corpus)
         start = time.perf_counter()
