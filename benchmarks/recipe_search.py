@@ -126,7 +126,7 @@ def text_stream(uncertain: str):
     return Dataset.from_list(sentences).to_iterable_dataset(num_shards=8)
 
 
-def image_stream(splits: dict, sources: dict[str, int], seed: int = 0):
+def training_images(splits: dict, sources: dict[str, int], seed: int = 0):
     """The search-train images of `sources` (each repeated as asked), rows shuffled before sharding: the corpus
     tables are sorted by class, and a streaming shuffle buffer fed from one contiguous shard at a time would then
     give batches of one class, where the semantic loss has nothing to contrast."""
@@ -206,7 +206,7 @@ def run_trial(name: str, settings: dict, splits: dict, texts: dict, pixel_cache:
     if settings["uncertain"] not in texts:
         texts[settings["uncertain"]] = text_stream(settings["uncertain"])
     stream = DecoupledBatches(
-        image_stream(splits, settings["sources"], settings["seed"]),
+        training_images(splits, settings["sources"], settings["seed"]),
         texts[settings["uncertain"]],
         image_batch_size=settings["batch_size"],
         text_batch_size=settings["batch_size"],
@@ -257,7 +257,7 @@ def measure_targets(splits: dict, texts: dict, num_batches: int = 20, batch_size
     rows = []
     for text_sampling in ("uniform", "label_matched"):
         stream = DecoupledBatches(
-            image_stream(splits, BASE["sources"]), texts["positive"], image_batch_size=batch_size,
+            training_images(splits, BASE["sources"]), texts["positive"], image_batch_size=batch_size,
             text_batch_size=batch_size, seed=0, shuffle_buffer_size=512, text_sampling=text_sampling,
         )  # fmt: skip
         batches = [batch for _, batch in zip(range(num_batches), stream)]
