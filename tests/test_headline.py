@@ -45,7 +45,7 @@ def test_multilabel_task_reports_findings_with_enough_positives_and_their_macro(
     task = get_task("nih-cxr14")
     labels = np.zeros((100, len(task.class_names)))
     labels[:30, 0] = 1  # 30 positives of the first finding, 5 of the second: only the first is scored
-    labels[30:35, 1] = 1
+    labels[30:35, 1] = 1  # (fewer than MIN_POSITIVES = 10)
     evaluation = _evaluation("nih-cxr14", labels.tolist(), [str(i) for i in range(100)])
     scores = rng.random(labels.shape)
     scores[:, 0] = labels[:, 0] * 0.5 + rng.random(100) * 0.6

@@ -30,7 +30,7 @@ from ..plots import plot_roc_curves
 from ..retrieval import embed_texts
 from ..zero_shot import ZeroShotClassifier
 
-MIN_POSITIVES = 15
+MIN_POSITIVES = 10
 MAX_GALLERY = 4000
 RETRIEVAL_KS = (10,)
 # Task class names that are not CheXpert observations, and the observation a relevant sentence has.
