@@ -136,7 +136,7 @@ class DataArguments:
     )
     bootstrap_resamples: int = field(
         default=1000,
-        metadata={"help": "Patient-bootstrap resamples of the 95% confidence intervals of the tasks' headline "
+        metadata={"help": "Patient-bootstrap resamples of the 95%% confidence intervals of the tasks' headline "
                   "zero-shot and retrieval numbers (seeded by --split_seed; 0: no intervals)."},
     )
     max_eval_images: int | None = field(
