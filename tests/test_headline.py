@@ -38,6 +38,8 @@ def test_perfect_and_random_scores_of_a_two_class_task():
     assert metrics["auc_ci_high"] - metrics["auc_ci_low"] < 0.15
     assert metrics == zero_shot_headline(evaluation, random, n_resamples=200, seed=0)  # seeded
     assert zero_shot_headline(evaluation, random, n_resamples=0, seed=0) == {"auc": metrics["auc"]}
+    one_class = _evaluation("pediatric-pneumonia", [0, 0, 0], ["a", "b", "c"])  # AUC undefined: no row
+    assert zero_shot_headline(one_class, np.eye(2)[[0, 0, 0]], n_resamples=20, seed=0) == {}
 
 
 def test_multilabel_task_reports_findings_with_enough_positives_and_their_macro():

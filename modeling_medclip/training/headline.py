@@ -52,9 +52,14 @@ def zero_shot_scores(model, processor, evaluation, image_embeddings: torch.Tenso
 
 
 def _interval(metric: Callable, arrays: Sequence, patients, n_resamples: int, seed: int, name: str) -> dict:
-    if n_resamples <= 0:
-        return {name: float(metric(*arrays))}
-    interval = bootstrap_ci(metric, *arrays, groups=patients, n_resamples=n_resamples, seed=seed)
+    """`{name: value, name_ci_low, name_ci_high}`; `{}` where the metric is undefined on the split (a class without
+    positives or negatives) or on most of its resamples (a split of a few patients)."""
+    try:
+        if n_resamples <= 0:
+            return {name: float(metric(*arrays))}
+        interval = bootstrap_ci(metric, *arrays, groups=patients, n_resamples=n_resamples, seed=seed)
+    except ValueError:
+        return {}
     return {name: interval.value, f"{name}_ci_low": interval.low, f"{name}_ci_high": interval.high}
 
 
