@@ -17,9 +17,19 @@ each process drops fewer than `image_batch_size` examples per epoch (its incompl
 `drop_last=False` that batch is yielded short and nothing is dropped. The text stream of `DecoupledBatches` is cycled
 (a new shuffled pass, see below) whenever it runs out before the images, so the *image* stream defines the epoch.
 
-Randomness. With `shuffle_buffer_size`, both streams are `shuffle(seed, buffer_size, max_buffer_input_shards=1)`-ed:
-the shard order is permuted per epoch from (seed, epoch) and examples go through a buffer whose generator is shifted by
-the epoch and the worker id. ConVIRT's sentence choice is drawn from `numpy.random.default_rng([seed, epoch,
+Text sampling. `DecoupledBatches(text_sampling="uniform")` reads the text stream in order, so a batch's texts follow
+the corpus's label distribution (about 77% of the IU report sentences are "No Finding" by the labeler: most images of a
+batch then have no text that shares their finding). `text_sampling="label_matched"` draws the texts in proportion
+to the image batch's labels: text `k` is drawn from the texts that share a positive class with image
+`k mod B_img` (one of that image's positive classes, picked at random), from all texts when the image has no
+positive class or no text has it. The draw uses `numpy.random.default_rng([seed, epoch, rank, worker_id,
+batch_index])`, so it is as deterministic and resumable as the rest of the stream; each worker pools the texts of
+its own shards once (they are held in memory: report sentences are small).
+
+Randomness. With `shuffle_buffer_size`, both streams are `shuffle(seed, buffer_size, max_buffer_input_shards=num_shards)`
+-ed: the shard order is permuted per epoch from (seed, epoch), the shards of a worker are interleaved into one buffer
+(so a corpus stored sorted by class still gives batches of mixed classes) whose generator is shifted by the epoch and
+the worker id. (In datasets 5.2 interleaving *arrow* shards, e.g. local parquet files, waits about 5 s per pass.) ConVIRT's sentence choice is drawn from `numpy.random.default_rng([seed, epoch,
 crc32(image_id)])`. All of it depends only on (seed, epoch, num_workers, world_size), so two runs give the same
 batches, and a new `set_epoch` gives new ones.
 
@@ -35,6 +45,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterator
+from typing import Literal
 
 import numpy as np
 import torch
@@ -118,7 +129,11 @@ class _BatchStream(torch.utils.data.IterableDataset):
         if self.world_size > 1:
             dataset = split_dataset_by_node(dataset, rank=self.rank, world_size=self.world_size)
         if self.shuffle_buffer_size:
-            dataset = dataset.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer_size, max_buffer_input_shards=1)
+            # every shard feeds the buffer at once: a corpus stored sorted by class (as builders index many) would
+            # otherwise give batches of one class, where the semantic loss has nothing to contrast
+            dataset = dataset.shuffle(
+                seed=self.seed, buffer_size=self.shuffle_buffer_size, max_buffer_input_shards=dataset.num_shards
+            )
         return dataset
 
     def set_epoch(self, epoch: int) -> None:
@@ -185,6 +200,9 @@ class DecoupledBatches(_BatchStream):
         drop_last (`bool`): drop each worker's incomplete last image batch.
         shuffle_buffer_size (`int`, *optional*): examples in each shuffle buffer; `None` keeps the stream order.
         rank, world_size (`int`): this process and the number of processes; each reads its own shards.
+        text_sampling (`str`, defaults to `"uniform"`): `"uniform"` (the text stream in order) or `"label_matched"`
+            (texts drawn in proportion to the image batch's labels; needs label vectors of the same length on both
+            streams). See the module docstring.
     """
 
     def __init__(
@@ -199,16 +217,21 @@ class DecoupledBatches(_BatchStream):
         shuffle_buffer_size: int | None = 1000,
         rank: int = 0,
         world_size: int = 1,
+        text_sampling: Literal["uniform", "label_matched"] = "uniform",
     ):
         super().__init__(
             seed=seed, drop_last=drop_last, shuffle_buffer_size=shuffle_buffer_size, rank=rank, world_size=world_size
         )
         if image_batch_size < 1 or text_batch_size < 1:
             raise ValueError(f"batch sizes must be >= 1, got {image_batch_size} images and {text_batch_size} texts")
+        if text_sampling not in ("uniform", "label_matched"):
+            raise ValueError(f"text_sampling must be 'uniform' or 'label_matched', got {text_sampling!r}")
         self.images = self._prepare(images, "images")
         self.texts = self._prepare(texts, "texts")
         self.image_batch_size = image_batch_size
         self.text_batch_size = text_batch_size
+        self.text_sampling = text_sampling
+        self._text_pools: dict[tuple[int, int], TextPools] = {}
 
     def _text_examples(self) -> Iterator[dict]:
         """The text stream, cycled: pass p of epoch e is shuffled as epoch `e * _TEXT_PASS_STRIDE + p`."""
@@ -225,17 +248,75 @@ class DecoupledBatches(_BatchStream):
                 )
             text_pass += 1
 
+    def _pools(self, worker: tuple[int, int]) -> TextPools:
+        """The texts of this worker's shards grouped by positive class (read once; they do not depend on the epoch)."""
+        if worker not in self._text_pools:
+            self.texts.set_epoch(0)
+            self._text_pools[worker] = TextPools(list(self.texts))
+        return self._text_pools[worker]
+
+    def _text_sampler(self):
+        """`draw(images, batch_index) -> texts` for the chosen `text_sampling`."""
+        if self.text_sampling == "uniform":
+            texts = self._text_examples()
+            return lambda images, index: [next(texts) for _ in range(self.text_batch_size)]
+        worker_id, num_workers = self._worker()
+        pools = self._pools((worker_id, num_workers))
+
+        def draw(images: list[dict], index: int) -> list[dict]:
+            rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker_id, index])
+            return pools.draw([images[k % len(images)]["labels"] for k in range(self.text_batch_size)], rng)
+
+        return draw
+
     def _batches(self) -> Iterator[dict]:
         self.images.set_epoch(self.epoch)
-        texts = self._text_examples()
+        draw_texts = self._text_sampler()
         images: list[dict] = []
+        index = 0
         for example in self.images:
             images.append(example)
             if len(images) == self.image_batch_size:
-                yield {"images": images, "texts": [next(texts) for _ in range(self.text_batch_size)], "paired": False}
-                images = []
+                yield {"images": images, "texts": draw_texts(images, index), "paired": False}
+                images, index = [], index + 1
         if images and not self.drop_last:
-            yield {"images": images, "texts": [next(texts) for _ in range(self.text_batch_size)], "paired": False}
+            yield {"images": images, "texts": draw_texts(images, index), "paired": False}
+
+
+class TextPools:
+    """Text examples grouped by positive class, for drawing texts that match given label vectors.
+
+    Args:
+        texts (`list[dict]`): examples with `"labels"` (a label vector); a value > 0 is a positive class.
+    """
+
+    def __init__(self, texts: list[dict]):
+        if not texts:
+            raise ValueError(
+                "the text stream gives this worker no example: give it at least world_size * num_workers shards"
+            )
+        self.texts = texts
+        self.num_classes = len(texts[0]["labels"])
+        labels = np.array([example["labels"] for example in texts], dtype=np.float32)
+        self.by_class = [np.flatnonzero(labels[:, c] > 0) for c in range(self.num_classes)]
+
+    def draw(self, label_vectors: list, rng: np.random.Generator) -> list[dict]:
+        """One text per label vector: from the texts positive for one of its positive classes (picked uniformly),
+        or from all texts when it has no positive class that some text shares."""
+        drawn = []
+        for vector in label_vectors:
+            if not isinstance(vector, (list, tuple, np.ndarray)) or len(vector) != self.num_classes:
+                raise ValueError(
+                    f"label_matched text sampling needs image label vectors of length {self.num_classes} (the texts'),"
+                    f" got {vector!r}"
+                )
+            classes = [c for c, value in enumerate(vector) if value > 0 and len(self.by_class[c])]
+            if classes:
+                pool = self.by_class[classes[int(rng.integers(len(classes)))]]
+                drawn.append(self.texts[int(pool[rng.integers(len(pool))])])
+            else:
+                drawn.append(self.texts[int(rng.integers(len(self.texts)))])
+        return drawn
 
 
 class PairedBatches(_BatchStream):

@@ -68,6 +68,10 @@ class DualEncoderConfig(PreTrainedConfig):
             Weight of the image->text term of the ConVIRT loss; text->image gets `1 - convirt_lambda`.
         label_similarity_scale (`float`, defaults to 1.0):
             Scale of the label-vector similarity before the row softmax of the semantic loss (1.0 as in MedCLIP).
+        normalize_label_vectors (`bool`, defaults to `False`):
+            Whether the semantic loss L2-normalises the label vectors before their similarity (cosine label
+            similarity; MedCLIP uses the raw dot product). With binary vectors and a scale of 1 MedCLIP's targets
+            are nearly uniform; normalised vectors with a scale of about 10 give sharper targets.
         num_frozen_text_layers (`int`, defaults to 0):
             When > 0, the text embeddings and the first `num_frozen_text_layers` encoder layers get
             `requires_grad=False` (ConVIRT freezes the embeddings and the first 6 layers).
@@ -102,6 +106,7 @@ class DualEncoderConfig(PreTrainedConfig):
     loss_type: Literal["infonce", "convirt", "semantic", "sigmoid"] = "infonce"
     convirt_lambda: float = 0.75
     label_similarity_scale: float = 1.0
+    normalize_label_vectors: bool = False
     num_frozen_text_layers: int = 0
     classifier_features: Literal["pooled", "normalized_embeds"] = "pooled"
     classifier_dropout: float = 0.0

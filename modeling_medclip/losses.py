@@ -112,6 +112,7 @@ def semantic_matching_loss(
     image_labels: torch.Tensor,
     text_labels: torch.Tensor,
     label_similarity_scale: float = 1.0,
+    normalize_label_vectors: bool = False,
 ) -> torch.Tensor:
     """MedCLIP's semantic matching loss on decoupled image and text batches.
 
@@ -119,12 +120,23 @@ def semantic_matching_loss(
     report with the same findings count as a match even when they come from different patients; the loss is the
     soft cross-entropy in both directions, averaged.
 
+    With MedCLIP's binary label vectors and `s = 1` the similarities of a batch differ by about 1, so the targets are
+    close to uniform and the loss can barely move from `log(B)`. With `normalize_label_vectors` the label vectors are
+    L2-normalised first (the similarity becomes the cosine of the label vectors, in `[0, 1]` for non-negative labels;
+    an all-zero vector stays zero), so `s` alone sets how sharp the targets are (`s` around 10 trains well).
+
+    Ignored entries: a label vector may hold NaN where a label is to be ignored (an uncertain finding under the
+    "ignore" policy). A pair whose agreement depends on it (NaN on one side, positive or NaN on the other) is masked
+    out of both softmaxes, logits and targets: it is neither a match nor a negative, whereas writing 0 would make it a
+    negative. Rows left with no pair are dropped from the mean.
+
     Args:
         logits_per_image: `(B_img, B_txt)` scaled similarities.
         logits_per_text: `(B_txt, B_img)`, the transpose of `logits_per_image`.
         image_labels: `(B_img, C)` label vectors of the images (e.g. the 14 CheXpert findings).
         text_labels: `(B_txt, C)` label vectors of the texts, from the report labeler.
         label_similarity_scale: `s` above (1.0 in MedCLIP).
+        normalize_label_vectors: L2-normalise both label vectors before their dot product (MedCLIP: `False`).
 
     Returns:
         A scalar tensor.
@@ -142,10 +154,34 @@ def semantic_matching_loss(
             f"image and text label vectors have different numbers of classes: {image_labels.shape[1]} vs "
             f"{text_labels.shape[1]}"
         )
-    label_similarity = label_similarity_scale * (image_labels.float() @ text_labels.float().T)
-    image_targets = label_similarity.softmax(dim=1).to(logits_per_image.dtype)
-    text_targets = label_similarity.T.softmax(dim=1).to(logits_per_text.dtype)
-    return (soft_cross_entropy(logits_per_image, image_targets) + soft_cross_entropy(logits_per_text, text_targets)) / 2
+    image_labels, text_labels = image_labels.float(), text_labels.float()
+    undecided = _undecided_pairs(image_labels, text_labels)
+    image_labels, text_labels = image_labels.nan_to_num(0.0), text_labels.nan_to_num(0.0)
+    if normalize_label_vectors:
+        image_labels, text_labels = F.normalize(image_labels, dim=1), F.normalize(text_labels, dim=1)
+    label_similarity = label_similarity_scale * (image_labels @ text_labels.T)
+    image_side = _masked_soft_cross_entropy(logits_per_image, label_similarity, undecided)
+    text_side = _masked_soft_cross_entropy(logits_per_text, label_similarity.T, undecided.T)
+    return (image_side + text_side) / 2
+
+
+def _undecided_pairs(image_labels: torch.Tensor, text_labels: torch.Tensor) -> torch.Tensor:
+    """`(B_img, B_txt)` bool: pairs where an ignored (NaN) entry meets a positive or ignored entry of the other side."""
+    image_ignored, text_ignored = image_labels.isnan().float(), text_labels.isnan().float()
+    image_open = image_ignored + (image_labels.nan_to_num(0.0) > 0).float()
+    text_open = text_ignored + (text_labels.nan_to_num(0.0) > 0).float()
+    return (image_ignored @ text_open.T + image_open @ text_ignored.T) > 0
+
+
+def _masked_soft_cross_entropy(logits: torch.Tensor, similarity: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """[`soft_cross_entropy`] against the row-softmax of `similarity`, both softmaxes leaving out the `masked`
+    pairs; rows with nothing left are dropped."""
+    kept = ~masked
+    targets = similarity.masked_fill(masked, float("-inf")).softmax(dim=1).to(logits.dtype)
+    log_probs = logits.masked_fill(masked, float("-inf")).log_softmax(dim=-1)
+    row_losses = -torch.where(kept, targets * log_probs, 0.0).sum(dim=-1)
+    rows = kept.any(dim=1)
+    return row_losses[rows].mean() if rows.any() else logits.sum() * 0.0
 
 
 def sigmoid_loss(logits_per_image: torch.Tensor, logit_bias: torch.Tensor | float = 0.0) -> torch.Tensor:

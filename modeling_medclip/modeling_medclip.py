@@ -305,7 +305,12 @@ class DualEncoderModel(DualEncoderPreTrainedModel):
                     "loss_type='semantic' needs `image_labels` (B_img, C) and `text_labels` (B_txt, C) label vectors"
                 )
             return semantic_matching_loss(
-                logits_per_image, logits_per_text, image_labels, text_labels, self.config.label_similarity_scale
+                logits_per_image,
+                logits_per_text,
+                image_labels,
+                text_labels,
+                self.config.label_similarity_scale,
+                self.config.normalize_label_vectors,
             )
         return sigmoid_loss(logits_per_image, self.logit_bias)
 

@@ -41,31 +41,73 @@ def test_convirt_loss_weights_the_two_directions():
     assert convirt_loss(LOGITS, LOGITS.T, 0.5).item() == pytest.approx(clip_loss(LOGITS, LOGITS.T).item(), abs=1e-6)
 
 
-def test_semantic_loss_matches_hand_computation():
-    # 2 images, 3 texts, 2 classes: image 0 has class 0, image 1 both classes; texts: class 0, class 1, none.
-    logits = torch.tensor([[1.0, 0.0, -1.0], [0.5, 2.0, 0.0]])
-    image_labels = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
-    text_labels = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
-    similarity = [[1, 0, 0], [1, 1, 0]]  # image_labels @ text_labels.T written out
+def _semantic_loss_by_hand(logits: torch.Tensor, similarity: list[list[float | None]]) -> float:
+    """The semantic loss written out: soft cross-entropy against the row-softmax of `similarity`, both ways; a `None`
+    similarity is a masked pair, left out of both softmaxes."""
 
-    def softmax(values):
-        total = sum(math.exp(v) for v in values)
-        return [math.exp(v) / total for v in values]
+    def row_loss(logit_row, similarity_row):
+        kept = [j for j, value in enumerate(similarity_row) if value is not None]
+        total = sum(math.exp(similarity_row[j]) for j in kept)
+        kept_logits = [logit_row[j] for j in kept]
+        return -sum(math.exp(similarity_row[j]) / total * _log_softmax_at(kept_logits, n) for n, j in enumerate(kept))
 
-    def soft_xent(logit_rows, target_rows):
-        losses = [
-            -sum(t * _log_softmax_at(row, j) for j, t in enumerate(targets))
-            for row, targets in zip(logit_rows, target_rows)
-        ]
+    def side(logit_rows, similarity_rows):
+        losses = [row_loss(r, s) for r, s in zip(logit_rows, similarity_rows)]
         return sum(losses) / len(losses)
 
-    rows = logits.tolist()
-    cols = logits.T.tolist()
-    image_side = soft_xent(rows, [softmax(r) for r in similarity])
-    text_side = soft_xent(cols, [softmax(list(c)) for c in zip(*similarity)])
-    expected = (image_side + text_side) / 2
-    loss = semantic_matching_loss(logits, logits.T, image_labels, text_labels)
-    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    image_side = side(logits.tolist(), similarity)
+    text_side = side(logits.T.tolist(), [list(column) for column in zip(*similarity)])
+    return (image_side + text_side) / 2
+
+
+# 2 images, 3 texts, 2 classes: image 0 has class 0, image 1 both classes; texts: class 0, class 1, none.
+SEMANTIC_LOGITS = torch.tensor([[1.0, 0.0, -1.0], [0.5, 2.0, 0.0]])
+IMAGE_LABELS = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+TEXT_LABELS = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+
+
+def test_semantic_loss_matches_hand_computation():
+    similarity = [[1, 0, 0], [1, 1, 0]]  # image_labels @ text_labels.T written out
+    loss = semantic_matching_loss(SEMANTIC_LOGITS, SEMANTIC_LOGITS.T, IMAGE_LABELS, TEXT_LABELS)
+    assert loss.item() == pytest.approx(_semantic_loss_by_hand(SEMANTIC_LOGITS, similarity), abs=1e-6)
+
+
+def test_semantic_loss_with_normalized_label_vectors_matches_hand_computation():
+    # cosines of the label vectors: image 1 = (1, 1) / sqrt(2) against text 0 = (1, 0) gives 1 / sqrt(2); the
+    # all-zero text stays at 0; then scaled by 10
+    r = 1 / math.sqrt(2)
+    similarity = [[10 * 1, 0, 0], [10 * r, 10 * r, 0]]
+    loss = semantic_matching_loss(
+        SEMANTIC_LOGITS, SEMANTIC_LOGITS.T, IMAGE_LABELS, TEXT_LABELS, 10.0, normalize_label_vectors=True
+    )
+    assert loss.item() == pytest.approx(_semantic_loss_by_hand(SEMANTIC_LOGITS, similarity), abs=1e-6)
+    # a label vector's length no longer matters: doubling one image's labels leaves the loss unchanged
+    doubled = semantic_matching_loss(
+        SEMANTIC_LOGITS, SEMANTIC_LOGITS.T, IMAGE_LABELS * torch.tensor([[2.0], [1.0]]), TEXT_LABELS, 10.0,
+        normalize_label_vectors=True,
+    )  # fmt: skip
+    assert doubled.item() == pytest.approx(loss.item(), abs=1e-6)
+
+
+def test_semantic_loss_masks_pairs_that_depend_on_an_ignored_label():
+    # text 0 has class 0 ignored (NaN): its pair with image 0 (class 0) is undecided and masked; its pair with image 1
+    # (class 1 only) is decided (text 0 does not have class 1), a negative
+    image_labels = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    text_labels = torch.tensor([[float("nan"), 0.0], [0.0, 1.0], [0.0, 0.0]])
+    similarity = [[None, 0, 0], [0, 1, 0]]
+    loss = semantic_matching_loss(SEMANTIC_LOGITS, SEMANTIC_LOGITS.T, image_labels, text_labels)
+    assert loss.item() == pytest.approx(_semantic_loss_by_hand(SEMANTIC_LOGITS, similarity), abs=1e-6)
+    written_zero = semantic_matching_loss(SEMANTIC_LOGITS, SEMANTIC_LOGITS.T, image_labels, text_labels.nan_to_num(0.0))
+    assert abs(written_zero.item() - loss.item()) > 1e-3  # 0 would make the pair a negative
+    normalized = semantic_matching_loss(
+        SEMANTIC_LOGITS, SEMANTIC_LOGITS.T, image_labels, text_labels, 10.0, normalize_label_vectors=True
+    )
+    assert normalized.item() == pytest.approx(
+        _semantic_loss_by_hand(SEMANTIC_LOGITS, [[None, 0, 0], [0, 10, 0]]), abs=1e-6
+    )
+    logits = SEMANTIC_LOGITS.clone().requires_grad_(True)
+    semantic_matching_loss(logits, logits.T, image_labels, text_labels).backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad[0, 0] == 0  # a masked pair gets no gradient
 
 
 def test_semantic_loss_equals_infonce_for_identity_labels_with_large_scale():
@@ -138,3 +180,16 @@ def test_gather_with_grad_is_identity_without_process_group():
     tensor = torch.randn(4, 3, requires_grad=True)
     gathered = gather_with_grad(tensor)
     assert gathered is tensor
+
+
+def test_model_loss_follows_normalize_label_vectors_in_config():
+    from conftest import tiny_config
+
+    from modeling_medclip import MedCLIPModel
+
+    logits = torch.randn(4, 6)
+    image_labels, text_labels = torch.randint(0, 2, (4, 14)).float(), torch.randint(0, 2, (6, 14)).float()
+    for normalize in (False, True):
+        model = MedCLIPModel(tiny_config(label_similarity_scale=10.0, normalize_label_vectors=normalize))
+        expected = semantic_matching_loss(logits, logits.T, image_labels, text_labels, 10.0, normalize)
+        assert model.compute_loss(logits, logits.T, image_labels, text_labels).item() == pytest.approx(expected.item())

@@ -165,3 +165,93 @@ def test_two_processes_read_disjoint_shards(covid_cxr_dir, tmp_path):
     assert len(everything) == len(set(everything)) == 495  # drop_last=False: none dropped, none repeated
     assert not set(ranks[0]["texts"]) & set(ranks[1]["texts"])  # the text stream is split by process too
     assert {tuple(p[1:3]) for p in ranks[0]["positions"]} == {(0, 2), (1, 2)}  # both DataLoader workers read
+
+
+def _labelled_images(num_images: int, num_shards: int = 4):
+    """Undecoded image examples with 14-dim label vectors: Pneumonia, Cardiomegaly, No Finding, and none, in turn."""
+    from datasets import Dataset
+
+    from modeling_medclip.labeler import CHEXPERT_CLASSES
+
+    cycle = [["Pneumonia"], ["Cardiomegaly", "Pleural Effusion"], ["No Finding"], []]
+    rows = {"image": [], "labels": [], "image_id": []}
+    for index in range(num_images):
+        positive = cycle[index % len(cycle)]
+        rows["image"].append(f"image-{index}.png")
+        rows["labels"].append([float(name in positive) for name in CHEXPERT_CLASSES])
+        rows["image_id"].append(f"image-{index}")
+    return Dataset.from_dict(rows).to_iterable_dataset(num_shards=num_shards)
+
+
+def _shares_a_class(image: dict, text: dict) -> bool:
+    return any(a > 0 and b > 0 for a, b in zip(image["labels"], text["labels"]))
+
+
+def test_label_matched_texts_follow_the_image_labels(covid_cxr_dir, iu_reports_dir):
+    texts = report_sentences(build_iu_xray(iu_reports_dir, num_shards=2).take(600))
+    no_finding = [t["labels"][0] > 0 for t in texts]
+    assert sum(no_finding) / len(no_finding) > 0.7  # the IU sentences are mostly "No Finding"
+
+    def batches(text_sampling):
+        return list(
+            DecoupledBatches(
+                _labelled_images(128), texts, image_batch_size=16, text_batch_size=24, seed=3,
+                shuffle_buffer_size=64, text_sampling=text_sampling,
+            )
+        )  # fmt: skip
+
+    matched, uniform = batches("label_matched"), batches("uniform")
+    assert [len(b["texts"]) for b in matched] == [24] * 8
+    for batch in matched:
+        for k, text in enumerate(batch["texts"]):
+            image = batch["images"][k % 16]
+            if any(value > 0 for value in image["labels"]):
+                assert _shares_a_class(image, text), (image["labels"], text["labels"])
+
+    def share(batch_list):
+        pairs = [(b["images"][k % 16], t) for b in batch_list for k, t in enumerate(b["texts"])]
+        labelled = [(i, t) for i, t in pairs if any(v > 0 for v in i["labels"])]
+        return sum(_shares_a_class(i, t) for i, t in labelled) / len(labelled)
+
+    assert share(matched) == 1.0 and share(uniform) < 0.6
+    assert sum(t["labels"][7] > 0 for b in matched for t in b["texts"]) > 4 * sum(
+        t["labels"][7] > 0 for b in uniform for t in b["texts"]
+    )  # Pneumonia sentences: a quarter of the images ask for them
+    with pytest.raises(ValueError, match="text_sampling"):
+        DecoupledBatches(_labelled_images(8), texts, image_batch_size=4, text_batch_size=4, text_sampling="by_label")
+    covid = DecoupledBatches(
+        build_covid_cxr(covid_cxr_dir), texts, image_batch_size=4, text_batch_size=4, text_sampling="label_matched",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="label vectors of length 14"):
+        next(iter(covid))  # covid-cxr images carry a class index, not a label vector
+
+
+def test_label_matched_texts_are_seeded_and_resume_with_two_workers(iu_reports_dir):
+    texts = report_sentences(build_iu_xray(iu_reports_dir, num_shards=4).take(400))
+
+    def make(seed=5, epoch=1):
+        batches = DecoupledBatches(
+            _labelled_images(160), texts, image_batch_size=8, text_batch_size=8, seed=seed, shuffle_buffer_size=32,
+            text_sampling="label_matched",
+        )  # fmt: skip
+        batches.set_epoch(epoch)
+        return batches
+
+    def loader(batches):
+        return torch.utils.data.DataLoader(batches, batch_size=None, num_workers=2)
+
+    def content(batch):
+        return (batch["position"], [e["image_id"] for e in batch["images"]], [t["image_id"] for t in batch["texts"]])
+
+    full = [content(b) for b in loader(make())]
+    assert full == [content(b) for b in loader(make())]
+    assert [c[2] for c in full] != [c[2] for c in (content(b) for b in loader(make(epoch=2)))]
+    assert [c[2] for c in full] != [c[2] for c in (content(b) for b in loader(make(seed=6)))]
+    run = make()
+    for step, batch in enumerate(loader(run)):
+        run.record(batch)
+        if step == 6:
+            break
+    resumed = make()
+    resumed.load_state_dict(json.loads(json.dumps(run.state_dict())))
+    assert sorted(content(b) for b in loader(resumed)) == sorted(full[7:])  # the same images and the same texts

@@ -322,7 +322,7 @@ def test_run_pretrain_with_two_processes_end_to_end(tmp_path, shared_data):
     log = completed.stdout + completed.stderr
     for noise in ("Writing model shards", "Loading weights", "FutureWarning", "Traceback"):
         assert noise not in log, noise
-    assert completed.stdout.count("| metric | before training | after 4 steps |") == 1  # printed by rank 0 only
+    assert completed.stdout.count("| held-out metric (95% CI) | before training | after 4 steps |") == 1  # printed by rank 0 only
     entries = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [entry["loss"] for entry in entries if "loss" in entry]
     assert len(losses) == PRESETS["tiny"]["max_steps"]
@@ -341,7 +341,7 @@ def test_run_pretrain_with_two_processes_end_to_end(tmp_path, shared_data):
         assert processor.image_processor.crop_size["height"] == PRESETS["tiny"]["image_size"]
     card = (output_dir / "final" / "README.md").read_text()
     assert card.startswith("---") and "\n# run\n" in card  # named after the run's output folder
-    assert "| metric | before training | after 4 steps |" in card
+    assert "| held-out metric (95% CI) | before training | after 4 steps |" in card
     held_out = json.loads((output_dir / "eval_splits" / "covid-cxr.json").read_text())
     assert held_out["patient_ids"] and len(held_out["image_ids"]) > 0
     assert json.loads((output_dir / "train_results.json").read_text())["skipped_images"] == 0

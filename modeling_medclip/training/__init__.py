@@ -7,6 +7,7 @@
 - `data.py`: the training streams from the builder registry, collation, loaders;
 - `trainer.py`: [`ContrastiveTrainer`], the optimizer step (global-batch negatives, accumulation);
 - `validation.py`: held-out loss and the evaluation tasks;
+- `headline.py`: the tasks' headline numbers with patient-bootstrap confidence intervals, and their ROC curves;
 - `loop.py`: [`train`], the run (state, loop, validate, save, finish).
 
 Checkpoints and Hub uploads are in `modeling_medclip.checkpointing` and `modeling_medclip.hub`.

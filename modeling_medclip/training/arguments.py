@@ -71,6 +71,11 @@ class ModelArguments:
         metadata={"help": "Semantic loss: scale of the label similarity before the target softmax (MedCLIP: 1.0; "
                   "larger values give sharper soft targets)."},
     )
+    normalize_label_vectors: bool | None = field(
+        default=None,
+        metadata={"help": "Semantic loss: L2-normalise the label vectors before their similarity (MedCLIP: no; with "
+                  "binary vectors and scale 1 its targets are nearly uniform, normalised vectors at scale ~10 train)."},
+    )
     image_size: int = field(default=224, metadata={"help": "Side of the square training and evaluation images."})
     max_length: int = field(default=77, metadata={"help": "Texts are truncated to this many tokens."})
     peft: Literal["lora", "dora", "ia3"] | None = field(
@@ -122,6 +127,12 @@ class DataArguments:
         metadata={"help": "`paired` (ConVIRT: each image with a sentence of its own report) or `decoupled` (MedCLIP: "
                   "unrelated image and text batches). Default: decoupled for the semantic loss, else paired."},
     )
+    text_sampling: Literal["uniform", "label_matched"] = field(
+        default="uniform",
+        metadata={"help": "Texts of decoupled batches: `uniform` (the text stream in order: most report sentences are "
+                  "normal) or `label_matched` (drawn in proportion to the image batch's labels, see "
+                  "dataset_scripts.pairing)."},
+    )
     per_device_text_batch_size: int | None = field(
         default=None, metadata={"help": "Texts per decoupled batch. Default: --per_device_train_batch_size."}
     )
@@ -134,6 +145,11 @@ class DataArguments:
     split_seed: int = field(default=0, metadata={"help": "Seed of the patient-disjoint held-out split (not --seed)."})
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Compute the validation loss on at most this many held-out pairs."}
+    )
+    bootstrap_resamples: int = field(
+        default=1000,
+        metadata={"help": "Patient-bootstrap resamples of the 95%% confidence intervals of the tasks' headline "
+                  "zero-shot and retrieval numbers (seeded by --split_seed; 0: no intervals)."},
     )
     max_eval_images: int | None = field(
         default=None, metadata={"help": "Evaluate each task on at most this many held-out images (seeded subset)."}

@@ -82,6 +82,7 @@ def build_train_stream(args: PretrainArguments, config, rank: int, world_size: i
         texts,
         image_batch_size=training_args.per_device_train_batch_size,
         text_batch_size=data_args.per_device_text_batch_size or training_args.per_device_train_batch_size,
+        text_sampling=data_args.text_sampling,
         **batches,
     )
 

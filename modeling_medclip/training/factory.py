@@ -17,7 +17,10 @@ from ..processing_medclip import MedCLIPProcessor
 from .arguments import ModelArguments
 
 MODEL_CLASSES = {"convirt": (ConVIRTConfig, ConVIRTModel), "medclip": (MedCLIPConfig, MedCLIPModel)}
-CONFIG_OVERRIDES = ("projection_dim", "loss_type", "text_pooling", "num_frozen_text_layers", "label_similarity_scale")
+CONFIG_OVERRIDES = (
+    "projection_dim", "loss_type", "text_pooling", "num_frozen_text_layers", "label_similarity_scale",
+    "normalize_label_vectors",
+)  # fmt: skip
 
 
 def named_tower_config(name: str, image_size: int):

@@ -6,7 +6,8 @@ a checkpoint (`resume_from_checkpoint`) with the same number of processes and Da
 `metric_for_best_model`), `final/` (model, processor and model card: loads with `AutoModel.from_pretrained` and
 `AutoProcessor.from_pretrained`; with `--peft`, only the adapter, processor and an adapter card naming the base model:
 it loads with `PeftModel.from_pretrained(base, final)`), `metrics.jsonl` (one JSON object per logging or validation step),
-`eval_splits/<task>.json` (the held-out ids of every evaluation task) and `train_results.json`.
+`eval_splits/<task>.json` (the held-out ids of every evaluation task), `roc_<task>.png` (the zero-shot ROC curves of
+every task before and after training) and `train_results.json`.
 """
 
 import json
@@ -51,6 +52,7 @@ from .arguments import (
 )
 from .data import MicroBatches, SeededCollate, build_collator, build_train_stream, count_batches, resolve_batching
 from .factory import build_model_and_processor
+from .headline import save_roc_curves
 from .trainer import ContrastiveTrainer, StepOutput
 from .validation import Validation, best_metric, build_validation, evaluate, is_better, results_table
 
@@ -98,6 +100,7 @@ class Run:
     output_dir: Path
     uploader: BackgroundUploader | None = None
     settings: dict = field(default_factory=dict)  # run_settings(args): recorded in every checkpoint
+    scores: dict = field(default_factory=dict)  # "before" / "after" -> task -> zero-shot scores, for the ROC curves
 
     def log(self, state: RunState, values: dict) -> None:
         """Appends `values` to `metrics.jsonl` (main process) and sends them to the trackers."""
@@ -157,7 +160,8 @@ def prepare_output_dir(args: OptimizationArguments, accelerator: Accelerator) ->
             "checkpoints, best/, final/ and metrics) or --resume_from_checkpoint latest to go on from its last checkpoint"
         )
     if taken and accelerator.is_main_process:
-        for path in [*sorted_checkpoints(output_dir), *(output_dir / name for name in RUN_ARTEFACTS)]:
+        artefacts = [*(output_dir / name for name in RUN_ARTEFACTS), *output_dir.glob("roc_*.png")]
+        for path in [*sorted_checkpoints(output_dir), *artefacts]:
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
@@ -282,6 +286,7 @@ def run_training(args: PretrainArguments, accelerator: Accelerator | None) -> Tr
     run, state = start_run(args, accelerator, prepare_output_dir(training_args, accelerator))
     if state.global_step == 0:  # the same protocols on the untrained model, so the reader sees what training bought
         state.initial_metrics = validate(run, state)
+        run.scores["before"] = run.validation.latest_scores
     progress = tqdm(total=state.max_steps, initial=state.global_step, desc="pretraining",
                     disable=training_args.disable_tqdm or not accelerator.is_local_main_process)  # fmt: skip
     start, window = time.perf_counter(), LogWindow()
@@ -328,6 +333,9 @@ def finish(run: Run, state: RunState, runtime: float) -> TrainResult:
         extra = {"train_results.json": metrics, "training_args.json": public_arguments(run.args)}
         save_pretrained_atomic(result.final_model_dir, run.trainer.unwrapped, run.processor, extra)
         write_run_card(run, result)
+        if run.validation.tasks:
+            save_roc_curves({**run.scores, f"after {state.global_step} steps": run.validation.latest_scores},
+                            run.validation, output_dir)  # fmt: skip
         (output_dir / "train_results.json").write_text(
             json.dumps({**metrics, "before_training": state.initial_metrics}, indent=2) + "\n"
         )

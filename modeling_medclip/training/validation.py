@@ -13,14 +13,16 @@ from pathlib import Path
 import torch
 
 from dataset_scripts.pairing import PairedBatches
-from dataset_scripts.sources import has_report, image_stream
+from dataset_scripts.sources import has_report, image_stream, text_stream
 from dataset_scripts.tasks import EvalTask, expand_tasks
 
 from ..evaluation import EvaluationSplit, evaluate_split, format_results_table, load_images
 from ..modeling_medclip import DualEncoderModel
 from ..processing_medclip import MedCLIPProcessor
+from ..retrieval import embed_images
 from .arguments import OptimizationArguments, PretrainArguments
 from .data import build_collator, held_out_patients, resolve_batching, training_sources
+from .headline import SentenceGallery, format_headline_table, retrieval_headline, zero_shot_headline, zero_shot_scores
 from .trainer import MODEL_INPUTS, to_device
 
 # The rows of the results table (per task, then the held-out pairs'), when the run has them.
@@ -52,6 +54,10 @@ class Validation:
 
     loss_batches: list[dict] = field(default_factory=list)
     tasks: list[TaskEvaluation] = field(default_factory=list)
+    gallery: SentenceGallery | None = None  # report sentences of the text sources, for the retrieval rows
+    bootstrap_resamples: int = 0
+    bootstrap_seed: int = 0
+    latest_scores: dict = field(default_factory=dict)  # task -> (N, C) zero-shot scores of the last evaluation
 
     def __bool__(self) -> bool:
         return bool(self.loss_batches or self.tasks)
@@ -105,11 +111,28 @@ def build_loss_batches(args: PretrainArguments, config, processor: MedCLIPProces
     return [batch for batch in (collator(pair) for pair in pairs) if "pixel_values" in batch and "input_ids" in batch]
 
 
+def build_gallery(args: PretrainArguments, config) -> SentenceGallery | None:
+    """The report sentences of the run's text sources (decoupled batches), without held-out patients."""
+    data_args = args.data
+    _, text_sources = training_sources(data_args, resolve_batching(data_args, config))
+    if not text_sources:
+        return None
+    sentences = text_stream(text_sources, uncertain=data_args.uncertain,
+                            held_out=held_out_patients(data_args, text_sources))  # fmt: skip
+    return SentenceGallery.from_stream(sentences, seed=data_args.split_seed)
+
+
 def build_validation(args: PretrainArguments, config, processor: MedCLIPProcessor) -> Validation:
     """The run's [`Validation`]: nothing without `--eval_tasks`."""
     if not args.data.eval_tasks:
         return Validation()
-    return Validation(build_loss_batches(args, config, processor), build_task_evaluations(args, processor))
+    return Validation(
+        build_loss_batches(args, config, processor),
+        build_task_evaluations(args, processor),
+        gallery=build_gallery(args, config),
+        bootstrap_resamples=args.data.bootstrap_resamples,
+        bootstrap_seed=args.data.split_seed,
+    )
 
 
 def _pair_metrics(model: DualEncoderModel, batches: list[dict], device: torch.device) -> dict[str, float]:
@@ -144,13 +167,28 @@ def evaluate(
     was_training = model.training
     model.eval()
     metrics = _pair_metrics(model, validation.loss_batches, device) if validation.loss_batches else {}
+    validation.latest_scores = {}
     for evaluation in validation.tasks:
         results = evaluate_split(
             model, processor, evaluation.split, evaluation.prompts, pixel_values=evaluation.pixel_values.to(device)
         )
+        results.update(_headline(model, processor, validation, evaluation, device))
         metrics.update({f"eval_{evaluation.task.name}/{name}": value for name, value in results.items()})
     model.train(was_training)
     return metrics
+
+
+def _headline(model, processor, validation: Validation, evaluation: TaskEvaluation, device) -> dict[str, float]:
+    """The task's headline zero-shot (and retrieval) numbers with their intervals; keeps its zero-shot scores."""
+    image_embeddings = embed_images(model, processor, evaluation.pixel_values.to(device))
+    scores = zero_shot_scores(model, processor, evaluation, image_embeddings)
+    validation.latest_scores[evaluation.task.name] = scores
+    resamples, seed = validation.bootstrap_resamples, validation.bootstrap_seed
+    results = zero_shot_headline(evaluation, scores, resamples, seed)
+    if validation.gallery is not None:
+        results.update(retrieval_headline(model, processor, evaluation, image_embeddings, validation.gallery,
+                                          resamples, seed))  # fmt: skip
+    return results
 
 
 def best_metric(args: OptimizationArguments, validation: Validation) -> tuple[str, bool]:
@@ -176,6 +214,9 @@ def results_table(result) -> str:
     if result.initial_metrics:
         columns["before training"] = result.initial_metrics
     columns[f"after {result.global_step} steps"] = result.metrics
+    headline = format_headline_table(columns)
+    if headline.count("\n") > 1:  # the tasks' headline numbers with their intervals
+        return headline
     return format_results_table(columns, summary_metrics(result.metrics))
 
 
