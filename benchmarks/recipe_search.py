@@ -45,7 +45,7 @@ from modeling_medclip.evaluation import load_images
 from modeling_medclip.labeler import CHEXPERT_CLASSES, CheXpertLabeler
 from modeling_medclip.prompts import generate_prompts, multilabel_prompts
 from modeling_medclip.training import ContrastiveTrainer, ModelArguments, OptimizationArguments, build_model_and_processor
-from modeling_medclip.training.presets import fast_bf16_cpu
+from modeling_medclip.protocols import bf16_supported
 from modeling_medclip.zero_shot import ZeroShotClassifier
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -191,7 +191,8 @@ def validate(model, processor, validation: dict, pixel_cache: dict, image_size: 
 def run_trial(name: str, settings: dict, splits: dict, texts: dict, pixel_cache: dict) -> dict:
     torch.manual_seed(settings["seed"])
     model, processor = build_model(settings)
-    bf16 = settings["mixed_precision"] == "bf16" or (settings["mixed_precision"] == "auto" and fast_bf16_cpu())
+    precision = settings["mixed_precision"]
+    bf16 = precision == "bf16" or (precision == "auto" and bf16_supported(torch.device("cpu")))
     accelerator = Accelerator(cpu=True, mixed_precision="bf16" if bf16 else "no")
     args = OptimizationArguments(
         output_dir="/tmp/recipe-search",

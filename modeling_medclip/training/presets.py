@@ -4,12 +4,7 @@ from typing import Any
 
 import torch
 
-
-def fast_bf16_cpu() -> bool:
-    """Whether this CPU has bf16 matrix instructions (AMX or AVX512-BF16); elsewhere (e.g. AVX2-only CPUs) bf16
-    autocast is emulated and slower than fp32, so the CPU preset trains in fp32 there."""
-    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-
+from ..protocols import bf16_supported
 
 _PAPER_TOWERS = {"text_model_name_or_path": "emilyalsentzer/Bio_ClinicalBERT"}
 # MedCLIP (Wang et al. 2022): decoupled batches of 100, lr 5e-5, weight decay 1e-4, 10 epochs, warmup.
@@ -78,7 +73,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "head_learning_rate": 1e-3,
         "weight_decay": 1e-4,
         "warmup_steps": 15,
-        "mixed_precision": "bf16" if fast_bf16_cpu() else "no",
+        "mixed_precision": "bf16" if bf16_supported(torch.device("cpu")) else "no",
         "logging_steps": 10,
         "save_steps": 100,
         "save_total_limit": 1,
