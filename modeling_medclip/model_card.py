@@ -108,15 +108,15 @@ def merge_evaluation(
     task_type: str = "zero-shot-image-classification",
     images: Sequence[str] = (),
 ) -> Path:
-    """Adds an evaluation to the card at `card_path`: its `model-index` results replace those of the same task type,
-    datasets and metrics (others are kept), and a `### {title}` subsection (table, notes and the `images`, paths
-    relative to the card's folder) is added under the card's Evaluation section, replacing a subsection of the same
-    title."""
+    """Adds an evaluation to the card at `card_path`: its `model-index` results replace those of the same task type
+    and dataset (an older evaluation of that dataset; other task types and datasets are kept), and a `### {title}`
+    subsection (table, notes and the `images`, paths relative to the card's folder) is added under the card's
+    Evaluation section, replacing a subsection of the same title."""
     card_path = Path(card_path)
     card = ModelCard.load(card_path)
     kept = [
         entry for entry in card.data.eval_results or []
-        if not (entry.task_type == task_type and entry.metric_type in results.get(entry.dataset_name, {}))
+        if not (entry.task_type == task_type and entry.dataset_name in results)
     ]  # fmt: skip
     card.data.eval_results = kept + [
         entry for dataset, values in results.items() for entry in eval_results(values, dataset, task_type)

@@ -485,7 +485,7 @@ def test_bad_files_through_a_training_run_and_run_eval_lose_no_checkpoint(tmp_pa
             cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env,
         )  # fmt: skip
     assert outcomes["good"].returncode == 0, outcomes["good"].stderr[-3000:]
-    assert (tmp_path / "eval-good" / "eval_results.json").is_file()
+    assert (tmp_path / "eval-good" / "results.json").is_file()
     assert outcomes["with_bad"].returncode != 0
     assert "truncated.jpg" in outcomes["with_bad"].stderr and "ValueError" in outcomes["with_bad"].stderr
     assert {p.name: folder_digest(p) for p in sorted_checkpoints(run_dir)} == saved  # no checkpoint lost or changed

@@ -1,6 +1,7 @@
 """Model cards: written from the template shipped as package data (also from a wheel install), and evaluation results
 merged into an existing card by `run_eval.py`."""
 
+import math
 import os
 import shutil
 import subprocess
@@ -56,12 +57,16 @@ def test_run_eval_merges_into_the_training_runs_card(tmp_path, tokenizer_dir, co
     model.save_pretrained(tmp_path)
     write_model_card(tmp_path, model, {"covid-cxr": {"zero_shot_accuracy": 0.1}}, training_summary="Pretrained here.",
                      results_table="| metric | before training | after 4 steps |\n|---|---:|---:|")  # fmt: skip
-    results = run_eval.main(["--model_name_or_path", str(tmp_path), "--eval_tasks", f"covid-cxr={covid_cxr_dir}",
-                             "--prompts_per_class", "2", "--max_eval_images", "12"])  # fmt: skip
+    results = run_eval.main(["--task", "zero-shot", "--model_name_or_path", str(tmp_path), "--eval_tasks",
+                             f"covid-cxr={covid_cxr_dir}", "--prompts_per_class", "2", "--max_eval_images", "12",
+                             "--n_resamples", "50", "--output_dir", str(tmp_path / "eval"),
+                             "--update_model_card", str(tmp_path)])  # fmt: skip
     card = ModelCard.load(tmp_path / "README.md")
     assert "Pretrained here." in card.text and "| metric | before training | after 4 steps |" in card.text
-    metrics = {r.metric_type: r.metric_value for r in card.data.eval_results}
-    assert metrics["zero_shot_accuracy"] == pytest.approx(results["covid-cxr"]["zero_shot_accuracy"], abs=1e-4)
+    metrics = {r.metric_type: r.metric_value for r in card.data.eval_results if r.dataset_name == "covid-cxr"}
+    evaluated = results["covid-cxr"][tmp_path.name]
+    expected = {f"zero-shot_{name}": value.value for name, value in evaluated.items() if math.isfinite(value.value)}
+    assert "zero-shot_accuracy" in expected and metrics == pytest.approx(expected, abs=1e-4)  # the old entry replaced
 
 
 @pytest.mark.slow
