@@ -197,12 +197,19 @@ def label_fraction(labels, fraction: float, seed: int) -> np.ndarray:
     if labels.ndim == 2:
         size = max(1, round(fraction * len(indices)))
         return np.sort(np.random.default_rng(seed).choice(indices, size=size, replace=False))
-    num_classes = len(np.unique(labels))
-    size = max(num_classes, round(fraction * len(indices)))
+    classes = np.unique(labels)
+    size = max(len(classes), round(fraction * len(indices)))
     if size >= len(indices):
         return indices
-    chosen, _ = train_test_split(indices, train_size=size, stratify=labels, random_state=seed)
-    return np.sort(chosen)
+    rng = np.random.default_rng(seed)
+    first = np.array([rng.choice(np.flatnonzero(labels == label)) for label in classes])  # one image of every class
+    rest = np.setdiff1d(indices, first)
+    if size == len(first):
+        return np.sort(first)
+    _, counts = np.unique(labels[rest], return_counts=True)
+    stratify = labels[rest] if counts.min() >= 2 else None
+    more, _ = train_test_split(rest, train_size=size - len(first), stratify=stratify, random_state=seed)
+    return np.sort(np.concatenate([first, more]))
 
 
 def _probe(C: float, multilabel: bool, seed: int):

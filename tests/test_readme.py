@@ -7,8 +7,9 @@
   tiny towers, 32 px images and one optimizer step appended (later flags win). `python run_pretrain.py` /
   `python run_eval.py` run in this process (`runpy`, as `__main__`, to spare a start-up each), every other command in
   a subprocess; `make` targets are checked with `make -n` (running them would install a virtualenv or the suite).
-  `python app.py` starts the web demo on a free port (`outputs/cpu-demo/final` being the model a README command
-  trained before) and passes once it prints its address; then it is stopped.
+  Commands that name `outputs/cpu-demo/final` (what `make demo` trains) find there the tiny model a README command
+  trained before. `python app.py` starts the web demo on a free port and passes once it prints its address; then it
+  is stopped.
 """
 
 import os
@@ -146,12 +147,13 @@ def test_every_readme_code_block_runs(shared_data, scratch, monkeypatch):
         else:
             raise AssertionError(f"README block {number} has language {language!r}, which this test cannot run")
         for argv, env, cwd in runs:
+            demo_model = scratch / "outputs" / "cpu-demo" / "final"  # what `make demo` leaves
+            if (argv[1].endswith("app.py") or "outputs/cpu-demo/final" in argv) and not demo_model.is_dir():
+                shutil.copytree(scratch / "out" / "tiny" / "final", demo_model)
             if argv[0] == sys.executable and argv[1].endswith(("run_pretrain.py", "run_eval.py")):
                 run_script_in_process(argv, env, cwd, monkeypatch)
                 continue
             if argv[0] == sys.executable and argv[1].endswith("app.py"):
-                if not (scratch / "outputs" / "cpu-demo" / "final").is_dir():  # what `make demo` leaves
-                    shutil.copytree(scratch / "out" / "tiny" / "final", scratch / "outputs" / "cpu-demo" / "final")
                 serve_until_ready(argv, env, cwd)
                 continue
             result = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
