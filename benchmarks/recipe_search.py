@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import tempfile
 import time
 from importlib.util import find_spec
 from pathlib import Path
@@ -195,7 +196,7 @@ def run_trial(name: str, settings: dict, splits: dict, texts: dict, pixel_cache:
     bf16 = precision == "bf16" or (precision == "auto" and bf16_supported(torch.device("cpu")))
     accelerator = Accelerator(cpu=True, mixed_precision="bf16" if bf16 else "no")
     args = OptimizationArguments(
-        output_dir="/tmp/recipe-search",
+        output_dir=os.path.join(tempfile.gettempdir(), "recipe-search"),  # the trainer writes nothing there
         learning_rate=settings["learning_rate"],
         head_learning_rate=settings["head_learning_rate"],
         weight_decay=settings["weight_decay"],
