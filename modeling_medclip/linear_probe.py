@@ -206,9 +206,10 @@ def label_fraction(labels, fraction: float, seed: int) -> np.ndarray:
     rest = np.setdiff1d(indices, first)
     if size == len(first):
         return np.sort(first)
+    extra = size - len(first)
     _, counts = np.unique(labels[rest], return_counts=True)
-    stratify = labels[rest] if counts.min() >= 2 else None
-    more, _ = train_test_split(rest, train_size=size - len(first), stratify=stratify, random_state=seed)
+    stratify = labels[rest] if counts.min() >= 2 and extra >= len(counts) else None  # else a plain seeded draw
+    more, _ = train_test_split(rest, train_size=extra, stratify=stratify, random_state=seed)
     return np.sort(np.concatenate([first, more]))
 
 

@@ -90,6 +90,7 @@ def test_patient_split_and_label_fraction():
     imbalanced = np.array([0] * 90 + [1] * 10 + [2] * 3)  # a stratified draw of 3 would give no 2 (and often no 1)
     for seed in range(20):
         assert sorted(imbalanced[label_fraction(imbalanced, 0.01, seed)]) == [0, 1, 2]
+        assert set(imbalanced[label_fraction(imbalanced, 0.04, seed)]) == {0, 1, 2}  # one image beyond the three
         assert set(imbalanced[label_fraction(imbalanced, 0.1, seed)]) == {0, 1, 2}
     assert len(label_fraction(data.labels, 1.0, seed=0)) == len(data.labels)
     with pytest.raises(ValueError, match="label fractions"):
