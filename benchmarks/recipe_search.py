@@ -43,7 +43,7 @@ from dataset_scripts.pairing import DecoupledBatches
 from modeling_medclip.augmentation import build_augmentation
 from modeling_medclip.collator import MedCLIPCollator
 from modeling_medclip.evaluation import load_images
-from modeling_medclip.labeler import CHEXPERT_CLASSES, CheXpertLabeler
+from modeling_medclip.labeler import CHEXPERT_CLASSES
 from modeling_medclip.prompts import generate_prompts, multilabel_prompts
 from modeling_medclip.training import ContrastiveTrainer, ModelArguments, OptimizationArguments, build_model_and_processor
 from modeling_medclip.protocols import bf16_supported
@@ -116,14 +116,8 @@ def search_splits(name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
 def text_stream(uncertain: str):
     """The IU report sentences with their sentence-level labels, materialised once (the labeler runs once).
 
-    `uncertain`: the labeler's policies `positive` / `negative`, or `ignore`: NaN, which the semantic loss masks."""
-    policy = "positive" if uncertain == "ignore" else uncertain
-    sentences = list(report_sentences(build_iu_xray(DATA_DIR / "iu-xray-reports"), uncertain=policy))
-    if uncertain == "ignore":
-        labeler = CheXpertLabeler()
-        for sentence in sentences:
-            labels = labeler.label_sentence(sentence["text"])
-            sentence["labels"] = [float("nan") if labels[c] == -1.0 else v for c, v in zip(CHEXPERT_CLASSES, sentence["labels"])]
+    `uncertain`: the labeler's policy, `positive` / `negative` / `ignore` (NaN, which the semantic loss masks)."""
+    sentences = list(report_sentences(build_iu_xray(DATA_DIR / "iu-xray-reports"), uncertain=uncertain))
     return Dataset.from_list(sentences).to_iterable_dataset(num_shards=8)
 
 

@@ -57,7 +57,7 @@ def build_chexpert(
         root: the release folder holding `train.csv` / `valid.csv`.
         split: `"train"` or `"valid"`.
         frontal_only: keep only rows whose `Frontal/Lateral` is `Frontal`.
-        uncertain: policy for uncertain (-1) labels: `"positive"` (U-Ones), `"negative"` or `"ignore"` (U-Zeros).
+        uncertain: policy for uncertain (-1) labels: `"positive"` (U-Ones), `"negative"` (U-Zeros) or `"ignore"` (NaN, masked by the semantic matching loss).
         num_shards: shards of the stream.
     """
     if split not in SPLITS:

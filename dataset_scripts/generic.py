@@ -75,8 +75,8 @@ def chexpert_label_vector(values: Sequence, uncertain: str = "positive") -> list
     """Maps the 14 CheXpert-style label cells of a CSV row (1 / 0 / -1 / blank) to 14 floats.
 
     Same policy as `CheXpertLabeler.label_vector`: blank (NaN, "not mentioned") and 0 become 0.0, 1 becomes 1.0, and
-    an uncertain -1 becomes 1.0 for `"positive"` (U-Ones) and 0.0 for `"negative"` (U-Zeros) and `"ignore"`.
-    """
+    an uncertain -1 becomes 1.0 for `"positive"` (U-Ones), 0.0 for `"negative"` (U-Zeros) and NaN for `"ignore"`
+    (masked by the semantic matching loss)."""
     if len(values) != len(CHEXPERT_CLASSES):
         raise ValueError(f"expected {len(CHEXPERT_CLASSES)} CheXpert label values, got {len(values)}")
     labels = {

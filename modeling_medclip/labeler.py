@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import math
 import re
 import sys
 from collections.abc import Iterable, Sequence
@@ -647,8 +648,9 @@ class CheXpertLabeler:
             text (`str`): the report (or sentence, with ``level="sentence"``).
             uncertain (`str`, *optional*, defaults to `"positive"`):
                 How uncertain (-1) labels are mapped: ``"positive"`` -> 1.0 (the U-Ones policy), ``"negative"``
-                -> 0.0 (U-Zeros), ``"ignore"`` -> 0.0 as well: a dense vector cannot mask an entry, so "ignore"
-                treats uncertain like not mentioned; use `label_report` to keep the -1 values.
+                -> 0.0 (U-Zeros), ``"ignore"`` -> NaN, which `semantic_matching_loss` masks: a pair whose label
+                agreement depends on an ignored entry counts as neither a match nor a negative. Use `label_report`
+                to keep the -1 values.
             level (`str`, *optional*, defaults to `"report"`): ``"report"`` or ``"sentence"`` (label ``text``
                 as one sentence, no splitting).
 
@@ -699,10 +701,10 @@ def _check_uncertain(uncertain: str) -> None:
 
 
 def labels_to_vector(labels: dict[str, float | None], uncertain: str = "positive") -> list[float]:
-    """Map CheXpert labels (a dict keyed as `CHEXPERT_CLASSES`) to a length-14 0/1 vector; see
-    `CheXpertLabeler.label_vector` for the ``uncertain`` policies."""
+    """Map CheXpert labels (a dict keyed as `CHEXPERT_CLASSES`) to a length-14 vector of 0.0 / 1.0 (and NaN for
+    uncertain labels under ``"ignore"``); see `CheXpertLabeler.label_vector` for the ``uncertain`` policies."""
     _check_uncertain(uncertain)
-    uncertain_value = POSITIVE if uncertain == "positive" else NEGATIVE
+    uncertain_value = {"positive": POSITIVE, "negative": NEGATIVE, "ignore": math.nan}[uncertain]
     vector = []
     for name in CHEXPERT_CLASSES:
         label = labels[name]

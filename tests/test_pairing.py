@@ -1,6 +1,7 @@
 """Decoupled (MedCLIP) and paired (ConVIRT) batches: shapes, labels, seeding, epochs, resuming and sharding."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -32,6 +33,30 @@ def test_report_sentences_carry_sentence_labels(iu_reports_dir):
     labeler = CheXpertLabeler()
     assert all(s["labels"] == labeler.label_vector(s["text"], level="sentence") for s in sentences)
     assert sentences[0]["image_id"] == f"{reports[0]['study_id']}#0"
+
+
+def test_ignore_policy_reaches_the_semantic_loss_as_a_mask(iu_reports_dir, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from modeling_medclip.losses import semantic_matching_loss
+
+    reports = build_iu_xray(iu_reports_dir, num_shards=1).take(400)
+    ignored = [s for s in report_sentences(reports, uncertain="ignore") if any(math.isnan(v) for v in s["labels"])]
+    assert ignored, "the first 400 IU reports hold uncertain sentences"
+    positive = {s["text"]: s["labels"] for s in report_sentences(reports, uncertain="positive")}
+    for sentence in ignored:  # NaN exactly where U-Ones writes the uncertain 1.0
+        nan_columns = [c for c, v in enumerate(sentence["labels"]) if math.isnan(v)]
+        assert all(positive[sentence["text"]][c] == 1.0 for c in nan_columns)
+    collator = MedCLIPCollator(
+        AutoTokenizer.from_pretrained(tokenizer_dir), build_augmentation("medclip", MedCLIPImageProcessor())
+    )
+    text_labels = collator({"images": [], "texts": ignored[:4], "paired": False})["text_labels"]
+    assert text_labels.isnan().any()
+    image_labels = torch.nan_to_num(text_labels, nan=1.0)  # images positive where the texts are uncertain
+    logits = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
+    masked = semantic_matching_loss(logits, logits.T, image_labels, text_labels, 10.0, True)
+    written_zero = semantic_matching_loss(logits, logits.T, image_labels, text_labels.nan_to_num(0.0), 10.0, True)
+    assert torch.isfinite(masked) and not torch.isclose(masked, written_zero)
 
 
 def test_decoupled_batches_shapes_and_labels(covid_cxr_dir, iu_reports_dir, tokenizer_dir):

@@ -158,7 +158,11 @@ class DataArguments:
     prompt_seed: int = field(default=0, metadata={"help": "Seed of the prompt draw."})
     shuffle_buffer_size: int = field(default=256, metadata={"help": "Examples in the streaming shuffle buffer."})
     uncertain: Literal["positive", "negative", "ignore"] = field(
-        default="positive", metadata={"help": "How uncertain findings enter label vectors (labeler and corpora)."}
+        default="positive",
+        metadata={
+            "help": "How uncertain findings enter label vectors (labeler and corpora): 1 (positive), 0 (negative) "
+            "or NaN (ignore: the semantic matching loss masks the pairs that depend on them)."
+        },
     )
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes per process."})
 
