@@ -157,7 +157,7 @@ def validate(model, processor, validation: dict, pixel_cache: dict, image_size: 
         key = (name, image_size)
         if key not in pixel_cache:
             pixel_cache[key] = torch.cat([
-                processor(images=load_images(table["image"].iloc[i : i + 64].tolist()), return_tensors="pt")["pixel_values"]
+                processor(images=list(load_images(table["image"].iloc[i : i + 64].tolist())), return_tensors="pt")["pixel_values"]
                 for i in range(0, len(table), 64)
             ])  # fmt: skip
         pixels = pixel_cache[key]
