@@ -50,6 +50,7 @@ from modeling_medclip.plots import (
 from modeling_medclip.protocols import (
     autocast_dtype,
     embed_images_in_workers,
+    fold_batch_norms,
     image_loader,
     labeler_protocol,
     load_prompt_file,
@@ -147,6 +148,10 @@ class EvalArguments:
     channels_last: bool = field(
         default=True, metadata={"help": "Convolution weights and images channels-last (oneDNN's fast CPU layout)."}
     )
+    fold_batch_norms: bool = field(
+        default=True, metadata={"help": "Fold the BatchNorms of ResNet towers into their convolutions (inference only; "
+                                "the same outputs up to rounding, faster)."},
+    )
     output_dir: str | None = field(
         default=None, metadata={"help": "Where results.json, results.md, plots/ and eval_splits/ go. Default: "
                                 "eval/<first model's name>-<task>."},
@@ -189,6 +194,8 @@ def load_models(args: EvalArguments, device: torch.device) -> tuple[dict, object
         else:
             model = AutoModel.from_pretrained(name, trust_remote_code=args.trust_remote_code)
         model = model.to(device).eval()
+        if args.fold_batch_norms:
+            fold_batch_norms(model)
         models[model_label(name)] = model.to(memory_format=torch.channels_last) if args.channels_last else model
     return models, processor
 

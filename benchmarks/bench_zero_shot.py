@@ -13,8 +13,9 @@ that a busy spell of the shared CPU does not hit one of them only, after one war
    tokenizes the candidate texts for every image), and the same under `torch.autocast(bfloat16)`;
 2. `run_eval.py`'s path (`modeling_medclip.protocols`): images decoded and preprocessed in `--num_workers`
    DataLoader workers while the model encodes the previous batch, prompts encoded once (`ZeroShotClassifier`), bf16
-   autocast where the hardware supports it (`autocast_dtype("auto")`: AVX512-BF16 / AMX CPUs, bf16 GPUs), the
-   model and images channels-last (a copy of the same weights), as `run_eval.py` runs it by default.
+   autocast where the hardware supports it (`autocast_dtype("auto")`: AVX512-BF16 / AMX CPUs, bf16 GPUs), on a copy
+   of the same weights with its BatchNorms folded into the convolutions (`fold_batch_norms`) and stored
+   channels-last, images channels-last too, as `run_eval.py` runs it by default.
 
 Prints images/s of each, the ratio of run_eval's path to the best stock configuration in fp32 (the pipeline as
 users run it) and to the best stock configuration overall (bf16 included), the machine's CPU, and the largest score
@@ -41,7 +42,7 @@ from transformers import AutoTokenizer, BertConfig, ResNetConfig, pipeline
 
 from dataset_scripts.paths import shared_data_dir
 from modeling_medclip import MedCLIPConfig, MedCLIPImageProcessor, MedCLIPModel, MedCLIPProcessor
-from modeling_medclip.protocols import autocast_dtype, embed_images_in_workers
+from modeling_medclip.protocols import autocast_dtype, embed_images_in_workers, fold_batch_norms
 from modeling_medclip.zero_shot import ZeroShotClassifier
 
 ONE_PROMPT = {
@@ -69,8 +70,8 @@ def image_paths(data_dir: Path, num_images: int) -> list[str]:
 
 
 def run_eval_path(model, processor, paths, batch_size: int, num_workers: int, dtype) -> torch.Tensor:
-    """What `run_eval.py --task zero-shot` does per task (its model is channels-last, as run_eval stores it): prompts
-    once, images through workers, scores."""
+    """What `run_eval.py --task zero-shot` does per task (its model folded and channels-last, as run_eval loads it):
+    prompts once, images through workers, scores."""
     with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
         classifier = ZeroShotClassifier(model, processor, {c: [p] for c, p in ONE_PROMPT.items()})
     embeddings = embed_images_in_workers(model, processor, paths, batch_size, num_workers, dtype, channels_last=True)
@@ -114,7 +115,9 @@ def main() -> None:
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     return stock_scores(stock(paths, candidate_labels=labels, hypothesis_template="{}"))
             contenders[f"stock pipeline, batch {batch_size}, {'bf16 autocast' if bf16 else 'fp32'}"] = (True, bf16, run)
-    channels_last_model = copy.deepcopy(model).to(memory_format=torch.channels_last)  # same weights
+    channels_last_model = copy.deepcopy(model)  # same weights, prepared as run_eval.py's load_models does
+    fold_batch_norms(channels_last_model)
+    channels_last_model.to(memory_format=torch.channels_last)
     contenders["run_eval.py path"] = (
         False, dtype is not None,
         lambda: run_eval_path(channels_last_model, processor, paths, args.batch_size, args.num_workers, dtype),

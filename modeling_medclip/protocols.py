@@ -1,7 +1,8 @@
 """Evaluation protocols with confidence intervals on one labelled split: what `run_eval.py --task` runs per model.
 
 - Images are decoded and preprocessed in DataLoader workers ([`image_loader`]) while the model encodes the previous
-  batch, under bf16 autocast where the hardware supports it ([`autocast_dtype`]).
+  batch, under bf16 autocast where the hardware supports it ([`autocast_dtype`]), with the BatchNorms of frozen
+  ResNet towers folded into their convolutions ([`fold_batch_norms`]).
 - [`zero_shot_protocol`]: class scores from a prompt set (built in or a user's JSON / YAML file,
   [`load_prompt_file`]), scored by the shipped `classification` evaluate module, with patient-level bootstrap CIs.
 - [`retrieval_protocol`]: image->text, text->image and image->image Precision@k / Recall@k / MRR, a retrieved item
@@ -23,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.data import DataLoader
 
 from .evaluation import load_images
@@ -59,6 +61,27 @@ def autocast_dtype(bf16: Literal["auto", "yes", "no"], device: torch.device) -> 
     if bf16 == "yes" or (bf16 == "auto" and bf16_supported(device)):
         return torch.bfloat16
     return None
+
+
+def fold_batch_norms(model: torch.nn.Module) -> int:
+    """Folds every BatchNorm into the convolution before it, in place, for inference: transformers' ResNet layers
+    (a `convolution` then a `normalization`, as in its embedder, bottlenecks and shortcuts) become one convolution
+    with a bias and an identity. In fp32 the outputs are unchanged up to rounding; the network runs one pass less
+    over each activation, which memory-bound CPUs feel (see `benchmarks/bench_zero_shot.py`).
+
+    The model must be in eval mode and is for inference from then on (the folded statistics no longer update).
+    Returns the number of folded pairs (0 for towers without BatchNorm, such as Swin or ViT).
+    """
+    if model.training:
+        raise ValueError("fold_batch_norms folds the running statistics of an eval-mode model: call model.eval()")
+    folded = 0
+    for module in model.modules():
+        convolution, normalization = getattr(module, "convolution", None), getattr(module, "normalization", None)
+        if isinstance(convolution, torch.nn.Conv2d) and isinstance(normalization, torch.nn.BatchNorm2d):
+            module.convolution = fuse_conv_bn_eval(convolution, normalization)
+            module.normalization = torch.nn.Identity()
+            folded += 1
+    return folded
 
 
 class _Preprocess:
@@ -293,6 +316,7 @@ __all__ = [
     "bf16_supported",
     "class_rows",
     "embed_images_in_workers",
+    "fold_batch_norms",
     "image_loader",
     "labeler_protocol",
     "load_prompt_file",

@@ -18,6 +18,7 @@ from modeling_medclip.protocols import (
     autocast_dtype,
     bf16_supported,
     embed_images_in_workers,
+    fold_batch_norms,
     image_loader,
     labeler_protocol,
     load_prompt_file,
@@ -63,6 +64,25 @@ def test_worker_embeddings_equal_the_in_process_ones(model_and_processor, pneumo
     if bf16_supported(torch.device("cpu")):
         bf16 = embed_images_in_workers(model, processor, paths, 10, 1, autocast=torch.bfloat16)
         assert F.cosine_similarity(bf16, in_process).min() > 0.98
+
+
+def test_folding_batch_norms_keeps_the_embeddings(model_and_processor, pneumonia_images):
+    model, processor = model_and_processor
+    paths, _, _ = pneumonia_images
+    trained = copy.deepcopy(model).train()
+    with torch.no_grad():  # running statistics away from their initial 0 / 1, so that folding has work to do
+        for batch in image_loader(processor, paths, batch_size=8, num_workers=0):
+            trained.get_image_features(pixel_values=batch["pixel_values"] * 3.0 + 0.5)
+    trained.eval()
+    expected = embed_images_in_workers(trained, processor, paths, 8, 0)
+    folded = copy.deepcopy(trained)
+    batch_norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert fold_batch_norms(folded) == batch_norms > 0
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert torch.allclose(embed_images_in_workers(folded, processor, paths, 8, 0), expected, atol=1e-5)
+    assert fold_batch_norms(MedCLIPModel(tiny_config(vision="swin")).eval()) == 0
+    with pytest.raises(ValueError, match="eval"):
+        fold_batch_norms(copy.deepcopy(model).train())
 
 
 def test_autocast_choice():
