@@ -122,7 +122,10 @@ class EvalArguments:
         default="pooled",
         metadata={"help": "linear-probe features: the vision tower's pooled output or the normalised projection."},
     )
-    fine_tune_epochs: float = field(default=1.0, metadata={"help": "fine-tune: epochs over the drawn labels."})
+    fine_tune_epochs: float = field(
+        default=5.0, metadata={"help": "fine-tune: the most epochs over the drawn labels; each run keeps the epoch that "
+                               "scores best on the validation patients."},
+    )
     fine_tune_batch_size: int = field(default=16, metadata={"help": "fine-tune: images per optimizer step."})
     fine_tune_learning_rate: float = field(default=1e-4, metadata={"help": "fine-tune: learning rate of the tower."})
     fine_tune_head_learning_rate: float = field(default=1e-3, metadata={"help": "fine-tune: that of the head."})

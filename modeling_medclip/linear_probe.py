@@ -228,7 +228,8 @@ def _scores(probe, features: np.ndarray, num_classes: int) -> np.ndarray:
     return full
 
 
-def _validation_score(scores: np.ndarray, labels: np.ndarray) -> float:
+def validation_score(scores: np.ndarray, labels: np.ndarray) -> float:
+    """What model selection maximises on the validation patients: macro ROC AUC (accuracy where it is undefined)."""
     score = classification_metrics(scores, labels)["macro_auc"]
     return accuracy(scores, labels) if np.isnan(score) else score
 
@@ -244,7 +245,7 @@ def fit_probe(
             warnings.simplefilter("ignore", ConvergenceWarning)
             warnings.simplefilter("ignore", UserWarning)  # a multi-label class absent from a small fraction
             probe.fit(train.features, train.labels)
-        score = _validation_score(_scores(probe, validation.features, num_classes), validation.labels)
+        score = validation_score(_scores(probe, validation.features, num_classes), validation.labels)
         if best is None or score > best[2]:
             best = (probe, float(C), float(score))
     return best

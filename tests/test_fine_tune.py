@@ -1,5 +1,5 @@
 """Tests of `modeling_medclip.training.fine_tune`: a 1-epoch fine-tune of a tiny model on real pediatric pneumonia
-X-rays at two label fractions."""
+X-rays at two label fractions, and the best validation epoch kept."""
 
 import numpy as np
 import pytest
@@ -43,7 +43,9 @@ def test_training_changes_the_weights_and_lowers_the_loss(pneumonia):
         loss_before = classifier.eval()(pixel_values=batch, labels=targets).loss.item()
     settings = FineTuneSettings(num_train_epochs=3, per_device_train_batch_size=8, num_workers=0,
                                 learning_rate=1e-3, head_learning_rate=1e-2)  # fmt: skip
-    train_classifier(classifier, processor, images[:16], labels[:16], settings)
+    assert train_classifier(classifier, processor, images[:16], labels[:16], settings) == {
+        "epoch": 3, "validation_score": None
+    }
     with torch.no_grad():
         loss_after = classifier(pixel_values=batch, labels=targets).loss.item()
     assert loss_after < loss_before
@@ -51,6 +53,41 @@ def test_training_changes_the_weights_and_lowers_the_loss(pneumonia):
     assert any(name.startswith("vision_model.") for name in changed) and "classifier.weight" in changed
     scores = classifier_scores(classifier, processor, images[:5], multilabel=False, num_workers=0)
     assert scores.shape == (5, 3) and np.allclose(scores.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_the_epoch_that_scores_best_on_validation_is_kept(pneumonia, monkeypatch):
+    from modeling_medclip.training import fine_tune
+
+    images, labels, _, _ = pneumonia
+    processor = MedCLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32)
+    epoch_scores = iter([0.6, 0.9, 0.7])  # the validation scores of epochs 1, 2, 3
+    weights_at_epoch = []
+
+    def scripted_score(scores, labels):
+        return next(epoch_scores)
+
+    def record_weights(module, *args):
+        weights_at_epoch.append(module.classifier.weight.detach().clone())
+
+    monkeypatch.setattr(fine_tune, "validation_score", scripted_score)
+    classifier = _classifier(0)
+    monkeypatch.setattr(fine_tune._KeepBestEpoch, "on_epoch_end", _recording(fine_tune._KeepBestEpoch.on_epoch_end,
+                                                                             record_weights))  # fmt: skip
+    settings = FineTuneSettings(num_train_epochs=3, per_device_train_batch_size=8, num_workers=0,
+                                learning_rate=1e-3, head_learning_rate=1e-2)  # fmt: skip
+    kept = train_classifier(classifier, processor, images[:16], labels[:16], settings,
+                            validation=(images[16:24], labels[16:24]))  # fmt: skip
+    assert kept == {"epoch": 2, "validation_score": 0.9}
+    assert len(weights_at_epoch) == 3 and not torch.equal(weights_at_epoch[1], weights_at_epoch[2])
+    assert torch.equal(classifier.classifier.weight, weights_at_epoch[1]) and not classifier.training
+
+
+def _recording(on_epoch_end, record):
+    def wrapped(self, args, state, control, model=None, **kwargs):
+        record(model)
+        return on_epoch_end(self, args, state, control, model=model, **kwargs)
+
+    return wrapped
 
 
 @pytest.mark.slow
@@ -71,6 +108,8 @@ def test_one_epoch_fine_tune_at_two_fractions(pneumonia):
     assert full.runs[0].num_train_images == len(result.split_ids["fit"])
     assert ten_percent.runs[0].num_train_images == round(0.1 * len(result.split_ids["fit"]))
     assert set(result.split_ids["fit"]).isdisjoint(result.split_ids["validation"])
+    assert all(run.selected == {"epoch": 1} and 0.0 <= run.validation_score <= 1.0
+               for fraction in result.fractions for run in fraction.runs)  # fmt: skip
     for fraction in result.fractions:
         for ci in fraction.metrics.values():
             assert 0.0 <= ci.low <= ci.value <= ci.high <= 1.0

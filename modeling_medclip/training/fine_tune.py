@@ -4,10 +4,13 @@ The data-efficiency protocol of ConVIRT's fine-tuning experiments, beside the li
 ([`modeling_medclip.linear_probe`]), on the same patient split and the same label draws: for every label fraction
 and seed, a `...ForImageClassification` model (the pretrained vision tower, or the untrained architecture for
 `random-init`, and a new linear head) is trained on `fraction` of the fit part's images and scores the test images.
+After every epoch the model scores the validation patients (macro ROC AUC); the weights of the best epoch are kept,
+as the probe keeps its best regularisation, so `num_train_epochs` is an upper bound rather than a guess.
 
 The training loop is transformers' `Trainer` (which runs on Accelerate), with this package's optimizer and schedule
 ([`build_optimizer`]: AdamW groups with the head at `head_learning_rate`; [`build_scheduler`]:
-`transformers.get_scheduler`); images are decoded in DataLoader workers; no checkpoint is written.
+`transformers.get_scheduler`); images are decoded in DataLoader workers; no checkpoint is written (the best epoch's
+weights are held in memory).
 """
 
 import math
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from accelerate import PartialState
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..evaluation import load_images
 from ..linear_probe import (
@@ -29,6 +32,7 @@ from ..linear_probe import (
     label_fraction,
     patient_split,
     summarise_fraction,
+    validation_score,
 )
 from ..metrics import classification_metrics
 from ..protocols import image_loader
@@ -40,7 +44,7 @@ from .optim import build_optimizer, build_scheduler
 class FineTuneSettings:
     """Training settings of every fine-tuning run (the optimizer fields keep [`OptimizationArguments`]' names)."""
 
-    num_train_epochs: float = 1.0
+    num_train_epochs: float = 5.0
     per_device_train_batch_size: int = 16
     learning_rate: float = 1e-4
     head_learning_rate: float = 1e-3
@@ -83,15 +87,42 @@ class _Collate:
         return {"pixel_values": pixel_values["pixel_values"], "labels": labels}
 
 
+class _KeepBestEpoch(TrainerCallback):
+    """After every epoch, scores the validation images and keeps a copy of the weights of the best epoch so far."""
+
+    def __init__(self, score: Callable[[torch.nn.Module], float]):
+        self.score = score
+        self.best_epoch, self.best_score, self.best_state = None, -math.inf, None
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        score = self.score(model.eval())
+        model.train()
+        if score > self.best_score:
+            self.best_epoch, self.best_score = round(state.epoch), score
+            self.best_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
 def train_classifier(classifier, processor, images: Sequence, labels: np.ndarray, settings: FineTuneSettings,
-                     seed: int = 0):
+                     seed: int = 0, validation: tuple[Sequence, np.ndarray] | None = None) -> dict:
     """Trains `classifier` on `images` / `labels` for `settings.num_train_epochs` with the package's optimizer and
-    schedule; returns it in eval mode."""
+    schedule and leaves it in eval mode. With `validation` (images, labels), it ends with the weights of the epoch
+    that scored best on them ([`validation_score`]).
+
+    Returns:
+        `{"epoch": the kept epoch, "validation_score": its score}` (the last epoch and `None` without validation).
+    """
     steps_per_epoch = math.ceil(len(images) / settings.per_device_train_batch_size)
     num_steps = max(1, math.ceil(steps_per_epoch * settings.num_train_epochs))
     optimization = settings.optimization_arguments()
     optimizer = build_optimizer(classifier, optimization)
     scheduler = build_scheduler(optimizer, optimization, num_steps)
+    callbacks = []
+    if validation is not None:
+        val_images, val_labels = validation[0], np.asarray(validation[1])
+        callbacks.append(_KeepBestEpoch(lambda model: validation_score(
+            classifier_scores(model, processor, val_images, val_labels.ndim == 2, num_workers=settings.num_workers),
+            val_labels,
+        )))  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="medclip-fine-tune-") as scratch:
         arguments = TrainingArguments(
             output_dir=scratch, num_train_epochs=settings.num_train_epochs,
@@ -102,10 +133,15 @@ def train_classifier(classifier, processor, images: Sequence, labels: np.ndarray
         )  # fmt: skip
         trainer = Trainer(
             model=classifier, args=arguments, train_dataset=_LabelledImages(images, labels),
-            data_collator=_Collate(processor), optimizers=(optimizer, scheduler),
+            data_collator=_Collate(processor), optimizers=(optimizer, scheduler), callbacks=callbacks,
         )  # fmt: skip
         trainer.train()
-    return classifier.eval()
+    if not callbacks:
+        return {"epoch": math.ceil(settings.num_train_epochs), "validation_score": None}
+    keeper = callbacks[0]
+    classifier.load_state_dict(keeper.best_state)
+    classifier.eval()
+    return {"epoch": keeper.best_epoch, "validation_score": float(keeper.best_score)}
 
 
 @torch.no_grad()
@@ -144,10 +180,10 @@ def run_fine_tune(
         build_classifier: `seed -> classifier` (a fresh `...ForImageClassification` model per run).
         processor: the image processor (or a processor holding one).
         train_images, train_labels, train_groups: the training patients' images, `(N,)` class ids or `(N, C)` 0/1
-            rows, and patient ids. Split like the probe's: the validation patients are left out (no model selection
-            is made on them), labels are drawn from the fit part.
+            rows, and patient ids. Split like the probe's: labels are drawn from the fit part, and the validation
+            patients choose each run's epoch.
         test_images, test_labels, test_groups: the test patients, scored with patient-level bootstrap CIs.
-        settings: the training settings of every run.
+        settings: the training settings of every run (`num_train_epochs`: the most epochs a run trains).
         fractions, seeds, validation_size, split_seed: as [`run_linear_probe`].
         class_names, image_ids: class names for the per-class keys; ids of the training images for the split ids.
         n_resamples, ci_seed, autocast: bootstrap settings; autocast dtype of the test scoring.
@@ -166,14 +202,15 @@ def run_fine_tune(
         for seed in range(seeds.get(fraction, 1)):
             chosen = fit[label_fraction(train_labels[fit], fraction, seed)]
             torch.manual_seed(seed)
-            classifier = train_classifier(
-                build_classifier(seed), processor, [train_images[i] for i in chosen], train_labels[chosen], settings,
-                seed,
+            classifier = build_classifier(seed)
+            kept = train_classifier(
+                classifier, processor, [train_images[i] for i in chosen], train_labels[chosen], settings, seed,
+                validation=([train_images[i] for i in validation], train_labels[validation]),
             )  # fmt: skip
             scores = classifier_scores(classifier, processor, test_images, test_labels.ndim == 2,
                                        num_workers=settings.num_workers, autocast=autocast)  # fmt: skip
             metrics = classification_metrics(scores, test_labels, class_names)
-            runs.append(ProbeRun(fraction, seed, {"num_train_epochs": settings.num_train_epochs}, len(chosen), None,
+            runs.append(ProbeRun(fraction, seed, {"epoch": kept["epoch"]}, len(chosen), kept["validation_score"],
                                  metrics, [ids[i] for i in chosen]))  # fmt: skip
             seed_scores.append(scores)
         results.append(summarise_fraction(
