@@ -189,6 +189,14 @@ def mix(datasets: list[IterableDataset], weights: Sequence[float] | None, seed: 
     )
 
 
+def _training_split(source: Source, held_out: dict, only_held_out: bool, num_shards: int | None) -> IterableDataset:
+    """`source` streamed for training without its held-out patients (with `only_held_out`: only those)."""
+    dataset = load_source(source, for_training=True, num_shards=num_shards)
+    if held_out.get(source):
+        dataset = dataset.filter(PatientFilter(held_out[source], keep=only_held_out))
+    return dataset
+
+
 def image_stream(
     sources: Sequence[Source],
     weights: Sequence[float] | None = None,
@@ -209,13 +217,11 @@ def image_stream(
     for source in sources:
         if only_held_out and not held_out.get(source):
             continue
-        dataset = load_source(source, for_training=True, num_shards=num_shards)
         if source.builder is not None and not source.builder.has_images:
             raise ValueError(f"image source {source} has no images (a text corpus: use it as a text source)")
+        dataset = _training_split(source, held_out, only_held_out, num_shards)
         labels = dataset.features["labels"] if dataset.features else None
         class_names = labels.names if isinstance(labels, ClassLabel) else None
-        if held_out.get(source):
-            dataset = dataset.filter(PatientFilter(held_out[source], keep=only_held_out))
         streams.append(
             dataset.map(ImageLabeller(source, class_names, uncertain), remove_columns=dataset.column_names,
                         features=IMAGE_FEATURES)  # fmt: skip
@@ -239,10 +245,7 @@ def text_stream(
     for source in sources:
         if source.builder is not None and not source.builder.has_text:
             raise ValueError(f"text source {source} has no report text")
-        dataset = load_source(source, for_training=True, num_shards=num_shards)
-        if held_out and held_out.get(source):
-            dataset = dataset.filter(PatientFilter(held_out[source]))
-        streams.append(report_sentences(dataset, uncertain=uncertain))
+        streams.append(report_sentences(_training_split(source, held_out or {}, False, num_shards), uncertain=uncertain))
     return mix(streams, weights, seed)
 
 
