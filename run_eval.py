@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 from accelerate import PartialState
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, AutoProcessor, HfArgumentParser
+from transformers.utils import logging as transformers_logging
 
 from dataset_scripts.paths import shared_data_dir
 from dataset_scripts.tasks import expand_tasks, tasks_help
@@ -204,12 +205,15 @@ def load_models(args: EvalArguments, device: torch.device) -> tuple[dict, object
 
 
 def classifier_builder(args: EvalArguments, label: str, num_labels: int, multilabel: bool):
-    """`seed -> ...ForImageClassification` for the model `label`: its vision tower (and projection) with a new head
-    (documented `from_pretrained(path, num_labels=...)`); `random-init` from the first model's config."""
+    """`seed -> ...ForImageClassification` for the model `label`: its vision tower with a new head (documented
+    `from_pretrained(path, num_labels=...)`); `random-init` from the first model's config. transformers' load report
+    (the new head's weights are missing by design) is shown for the first build only."""
     source = next(m for m in args.model_name_or_path if model_label(m) == label)
     first = next(m for m in args.model_name_or_path if m != RANDOM_INIT)
     problem_type = "multi_label_classification" if multilabel else "single_label_classification"
     kwargs = {"num_labels": num_labels, "problem_type": problem_type, "trust_remote_code": args.trust_remote_code}
+
+    builds = []
 
     def build(seed: int):
         torch.manual_seed(seed)
@@ -217,7 +221,14 @@ def classifier_builder(args: EvalArguments, label: str, num_labels: int, multila
             config = AutoConfig.from_pretrained(first, **kwargs)
             model = AutoModelForImageClassification.from_config(config, trust_remote_code=args.trust_remote_code)
         else:
-            model = AutoModelForImageClassification.from_pretrained(source, **kwargs)
+            verbosity = transformers_logging.get_verbosity()
+            if builds:
+                transformers_logging.set_verbosity_error()
+            try:
+                model = AutoModelForImageClassification.from_pretrained(source, **kwargs)
+            finally:
+                transformers_logging.set_verbosity(verbosity)
+        builds.append(seed)
         return apply_adapters(model, method=args.peft, towers=("vision",), r=args.peft_rank) if args.peft else model
 
     return build

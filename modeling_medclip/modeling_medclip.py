@@ -422,8 +422,11 @@ class DualEncoderForImageClassification(DualEncoderPreTrainedModel):
 
     main_input_name = "pixel_values"
     input_modalities = ("image",)
-    # the text half of a pretrained dual encoder is not part of the classifier
-    _keys_to_ignore_on_load_unexpected = [r"^text_model\.", r"^text_projection\.", r"^logit_scale$", r"^logit_bias$"]
+    # the text half of a pretrained dual encoder is not part of the classifier (nor, on pooled features, the visual
+    # projection)
+    _keys_to_ignore_on_load_unexpected = [
+        r"^text_model\.", r"^text_projection\.", r"^logit_scale$", r"^logit_bias$", r"^visual_projection\."
+    ]
 
     def __init__(self, config: DualEncoderConfig):
         super().__init__(config)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from accelerate import PartialState
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from ..evaluation import load_images
 from ..linear_probe import (
@@ -135,6 +135,7 @@ def train_classifier(classifier, processor, images: Sequence, labels: np.ndarray
             model=classifier, args=arguments, train_dataset=_LabelledImages(images, labels),
             data_collator=_Collate(processor), optimizers=(optimizer, scheduler), callbacks=callbacks,
         )  # fmt: skip
+        trainer.remove_callback(PrinterCallback)  # no summary line per run (logging_strategy="no" logs nothing else)
         trainer.train()
     if not callbacks:
         return {"epoch": math.ceil(settings.num_train_epochs), "validation_score": None}
