@@ -153,7 +153,8 @@ def _curves_figure(
     axis.set_ylabel(ylabel)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
-    axis.set_title(title, fontsize=10)
+    wrapped = "\n".join(textwrap.fill(line, 70) for line in title.splitlines())  # wrapped, not cut off
+    axis.set_title(wrapped, fontsize=10)
     return _save(figure, path)
 
 
