@@ -124,8 +124,12 @@ class EvalArguments:
         metadata={"help": "linear-probe features: the vision tower's pooled output or the normalised projection."},
     )
     fine_tune_epochs: float = field(
-        default=5.0, metadata={"help": "fine-tune: the most epochs over the drawn labels; each run keeps the epoch that "
-                               "scores best on the validation patients."},
+        default=5.0, metadata={"help": "fine-tune: epochs over the drawn labels (more where --fine_tune_min_steps asks "
+                               "for it), scored about this many times on the validation patients; the best is kept."},
+    )
+    fine_tune_min_steps: int = field(
+        default=100, metadata={"help": "fine-tune: at least this many optimizer steps per run (in whole epochs), so "
+                               "that a 1% draw trains its head too."},
     )
     fine_tune_batch_size: int = field(default=16, metadata={"help": "fine-tune: images per optimizer step."})
     fine_tune_learning_rate: float = field(default=1e-4, metadata={"help": "fine-tune: learning rate of the tower."})
@@ -361,7 +365,8 @@ def evaluate_label_efficiency_task(task, train, test, models, processor, args, a
                 classifier_builder(args, name, len(class_names), test.multilabel),
                 processor, train.images, train.labels, _groups(train), test.images, test.labels, _groups(test),
                 settings=FineTuneSettings(
-                    num_train_epochs=args.fine_tune_epochs, per_device_train_batch_size=args.fine_tune_batch_size,
+                    num_train_epochs=args.fine_tune_epochs, min_steps=args.fine_tune_min_steps,
+                    per_device_train_batch_size=args.fine_tune_batch_size,
                     learning_rate=args.fine_tune_learning_rate, head_learning_rate=args.fine_tune_head_learning_rate,
                     num_workers=args.num_workers, bf16=autocast is not None,
                 ),

@@ -41,7 +41,7 @@ def test_training_changes_the_weights_and_lowers_the_loss(pneumonia):
     targets = torch.tensor(labels[:16])
     with torch.no_grad():
         loss_before = classifier.eval()(pixel_values=batch, labels=targets).loss.item()
-    settings = FineTuneSettings(num_train_epochs=3, per_device_train_batch_size=8, num_workers=0,
+    settings = FineTuneSettings(num_train_epochs=3, min_steps=0, per_device_train_batch_size=8, num_workers=0,
                                 learning_rate=1e-3, head_learning_rate=1e-2)  # fmt: skip
     assert train_classifier(classifier, processor, images[:16], labels[:16], settings) == {
         "epoch": 3, "validation_score": None
@@ -73,13 +73,37 @@ def test_the_epoch_that_scores_best_on_validation_is_kept(pneumonia, monkeypatch
     classifier = _classifier(0)
     monkeypatch.setattr(fine_tune._KeepBestEpoch, "on_epoch_end", _recording(fine_tune._KeepBestEpoch.on_epoch_end,
                                                                              record_weights))  # fmt: skip
-    settings = FineTuneSettings(num_train_epochs=3, per_device_train_batch_size=8, num_workers=0,
+    settings = FineTuneSettings(num_train_epochs=3, min_steps=0, per_device_train_batch_size=8, num_workers=0,
                                 learning_rate=1e-3, head_learning_rate=1e-2)  # fmt: skip
     kept = train_classifier(classifier, processor, images[:16], labels[:16], settings,
                             validation=(images[16:24], labels[16:24]))  # fmt: skip
     assert kept == {"epoch": 2, "validation_score": 0.9}
     assert len(weights_at_epoch) == 3 and not torch.equal(weights_at_epoch[1], weights_at_epoch[2])
     assert torch.equal(classifier.classifier.weight, weights_at_epoch[1]) and not classifier.training
+
+
+def test_a_small_draw_trains_min_steps_and_is_scored_about_num_train_epochs_times(pneumonia, monkeypatch):
+    from modeling_medclip.training import fine_tune
+
+    images, labels, _, _ = pneumonia
+    processor = MedCLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32)
+    scored_epochs, steps = [], []
+    monkeypatch.setattr(fine_tune, "validation_score", lambda scores, labels: 0.5)
+    original = fine_tune._KeepBestEpoch.on_epoch_end
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        steps.append(state.global_step)
+        if not (round(state.epoch) % self.every and round(state.epoch) != self.last):
+            scored_epochs.append(round(state.epoch))
+        return original(self, args, state, control, model=model, **kwargs)
+
+    monkeypatch.setattr(fine_tune._KeepBestEpoch, "on_epoch_end", on_epoch_end)
+    settings = FineTuneSettings(num_train_epochs=2, min_steps=12, per_device_train_batch_size=8, num_workers=0)
+    assert settings.epochs(16) == 6 and settings.epochs(400) == 2  # 2 steps per epoch: 6 epochs reach 12 steps
+    kept = train_classifier(_classifier(0), processor, images[:16], labels[:16], settings,
+                            validation=(images[16:24], labels[16:24]))  # fmt: skip
+    assert steps[-1] == 12 and len(steps) == 6
+    assert scored_epochs == [3, 6] and kept["epoch"] == 3  # ties keep the first
 
 
 def _recording(on_epoch_end, record):
@@ -100,7 +124,7 @@ def test_one_epoch_fine_tune_at_two_fractions(pneumonia):
         _classifier, processor,
         [images[i] for i in np.flatnonzero(~test)], labels[~test], patients[~test],
         [images[i] for i in np.flatnonzero(test)], labels[test], patients[test],
-        settings=FineTuneSettings(num_train_epochs=1, per_device_train_batch_size=8, num_workers=1),
+        settings=FineTuneSettings(num_train_epochs=1, min_steps=0, per_device_train_batch_size=8, num_workers=1),
         fractions=(0.1, 1.0), seeds={0.1: 2}, class_names=classes, n_resamples=100,
     )  # fmt: skip
     ten_percent, full = result.fractions

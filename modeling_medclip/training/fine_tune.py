@@ -4,8 +4,10 @@ The data-efficiency protocol of ConVIRT's fine-tuning experiments, beside the li
 ([`modeling_medclip.linear_probe`]), on the same patient split and the same label draws: for every label fraction
 and seed, a `...ForImageClassification` model (the pretrained vision tower, or the untrained architecture for
 `random-init`, and a new linear head) is trained on `fraction` of the fit part's images and scores the test images.
-After every epoch the model scores the validation patients (macro ROC AUC); the weights of the best epoch are kept,
-as the probe keeps its best regularisation, so `num_train_epochs` is an upper bound rather than a guess.
+Every run takes at least `min_steps` optimizer steps (a 1% draw of a few dozen images would otherwise train its new
+head for a handful of steps), in whole epochs. About `num_train_epochs` times per run, evenly spaced, the model
+scores the validation patients (macro ROC AUC); the weights of the best of those epochs are kept, as the probe keeps
+its best regularisation, so the length of a run is an upper bound rather than a guess.
 
 The training loop is transformers' `Trainer` (which runs on Accelerate), with this package's optimizer and schedule
 ([`build_optimizer`]: AdamW groups with the head at `head_learning_rate`; [`build_scheduler`]:
@@ -45,6 +47,7 @@ class FineTuneSettings:
     """Training settings of every fine-tuning run (the optimizer fields keep [`OptimizationArguments`]' names)."""
 
     num_train_epochs: float = 5.0
+    min_steps: int = 100
     per_device_train_batch_size: int = 16
     learning_rate: float = 1e-4
     head_learning_rate: float = 1e-3
@@ -53,6 +56,12 @@ class FineTuneSettings:
     warmup_steps: int = 0
     num_workers: int = 2
     bf16: bool = False
+
+    def epochs(self, num_images: int) -> float:
+        """Epochs a run over `num_images` images trains: `num_train_epochs`, or enough whole epochs for
+        `min_steps` optimizer steps."""
+        steps_per_epoch = math.ceil(num_images / self.per_device_train_batch_size)
+        return max(self.num_train_epochs, math.ceil(self.min_steps / steps_per_epoch))
 
     def optimization_arguments(self) -> OptimizationArguments:
         return OptimizationArguments(
@@ -88,44 +97,50 @@ class _Collate:
 
 
 class _KeepBestEpoch(TrainerCallback):
-    """After every epoch, scores the validation images and keeps a copy of the weights of the best epoch so far."""
+    """Every `every` epochs and after the last one, scores the validation images and keeps a copy of the weights of
+    the best epoch so far."""
 
-    def __init__(self, score: Callable[[torch.nn.Module], float]):
-        self.score = score
+    def __init__(self, score: Callable[[torch.nn.Module], float], every: int, last: int):
+        self.score, self.every, self.last = score, every, last
         self.best_epoch, self.best_score, self.best_state = None, -math.inf, None
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        epoch = round(state.epoch)
+        if epoch % self.every and epoch != self.last:
+            return
         score = self.score(model.eval())
         model.train()
         if score > self.best_score:
-            self.best_epoch, self.best_score = round(state.epoch), score
+            self.best_epoch, self.best_score = epoch, score
             self.best_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
 
 def train_classifier(classifier, processor, images: Sequence, labels: np.ndarray, settings: FineTuneSettings,
                      seed: int = 0, validation: tuple[Sequence, np.ndarray] | None = None) -> dict:
-    """Trains `classifier` on `images` / `labels` for `settings.num_train_epochs` with the package's optimizer and
-    schedule and leaves it in eval mode. With `validation` (images, labels), it ends with the weights of the epoch
-    that scored best on them ([`validation_score`]).
+    """Trains `classifier` on `images` / `labels` for `settings.epochs(len(images))` with the package's optimizer
+    and schedule and leaves it in eval mode. With `validation` (images, labels), it ends with the weights of the
+    scored epoch (see the module docstring) that did best on them ([`validation_score`]).
 
     Returns:
         `{"epoch": the kept epoch, "validation_score": its score}` (the last epoch and `None` without validation).
     """
+    epochs = settings.epochs(len(images))
     steps_per_epoch = math.ceil(len(images) / settings.per_device_train_batch_size)
-    num_steps = max(1, math.ceil(steps_per_epoch * settings.num_train_epochs))
+    num_steps = max(1, math.ceil(steps_per_epoch * epochs))
     optimization = settings.optimization_arguments()
     optimizer = build_optimizer(classifier, optimization)
     scheduler = build_scheduler(optimizer, optimization, num_steps)
     callbacks = []
     if validation is not None:
         val_images, val_labels = validation[0], np.asarray(validation[1])
+        every = max(1, math.ceil(epochs / math.ceil(settings.num_train_epochs)))
         callbacks.append(_KeepBestEpoch(lambda model: validation_score(
             classifier_scores(model, processor, val_images, val_labels.ndim == 2, num_workers=settings.num_workers),
             val_labels,
-        )))  # fmt: skip
+        ), every, math.ceil(epochs)))  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="medclip-fine-tune-") as scratch:
         arguments = TrainingArguments(
-            output_dir=scratch, num_train_epochs=settings.num_train_epochs,
+            output_dir=scratch, num_train_epochs=epochs,
             per_device_train_batch_size=settings.per_device_train_batch_size, seed=seed, data_seed=seed,
             dataloader_num_workers=settings.num_workers, bf16=settings.bf16, save_strategy="no", report_to="none",
             logging_strategy="no", disable_tqdm=True, remove_unused_columns=False, max_grad_norm=1.0,
@@ -138,7 +153,7 @@ def train_classifier(classifier, processor, images: Sequence, labels: np.ndarray
         trainer.remove_callback(PrinterCallback)  # no summary line per run (logging_strategy="no" logs nothing else)
         trainer.train()
     if not callbacks:
-        return {"epoch": math.ceil(settings.num_train_epochs), "validation_score": None}
+        return {"epoch": math.ceil(epochs), "validation_score": None}
     keeper = callbacks[0]
     classifier.load_state_dict(keeper.best_state)
     classifier.eval()
@@ -184,7 +199,7 @@ def run_fine_tune(
             rows, and patient ids. Split like the probe's: labels are drawn from the fit part, and the validation
             patients choose each run's epoch.
         test_images, test_labels, test_groups: the test patients, scored with patient-level bootstrap CIs.
-        settings: the training settings of every run (`num_train_epochs`: the most epochs a run trains).
+        settings: the training settings of every run (`num_train_epochs` and `min_steps`: how long a run trains).
         fractions, seeds, validation_size, split_seed: as [`run_linear_probe`].
         class_names, image_ids: class names for the per-class keys; ids of the training images for the split ids.
         n_resamples, ci_seed, autocast: bootstrap settings; autocast dtype of the test scoring.
