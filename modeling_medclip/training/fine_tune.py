@@ -17,7 +17,7 @@ weights are held in memory).
 
 import math
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,11 +57,13 @@ class FineTuneSettings:
     num_workers: int = 2
     bf16: bool = False
 
+    def steps_per_epoch(self, num_images: int) -> int:
+        return math.ceil(num_images / self.per_device_train_batch_size)
+
     def epochs(self, num_images: int) -> float:
         """Epochs a run over `num_images` images trains: `num_train_epochs`, or enough whole epochs for
         `min_steps` optimizer steps."""
-        steps_per_epoch = math.ceil(num_images / self.per_device_train_batch_size)
-        return max(self.num_train_epochs, math.ceil(self.min_steps / steps_per_epoch))
+        return max(self.num_train_epochs, math.ceil(self.min_steps / self.steps_per_epoch(num_images)))
 
     def optimization_arguments(self) -> OptimizationArguments:
         return OptimizationArguments(
@@ -125,18 +127,17 @@ def train_classifier(classifier, processor, images: Sequence, labels: np.ndarray
         `{"epoch": the kept epoch, "validation_score": its score}` (the last epoch and `None` without validation).
     """
     epochs = settings.epochs(len(images))
-    steps_per_epoch = math.ceil(len(images) / settings.per_device_train_batch_size)
-    num_steps = max(1, math.ceil(steps_per_epoch * epochs))
+    num_steps = max(1, math.ceil(settings.steps_per_epoch(len(images)) * epochs))
     optimization = settings.optimization_arguments()
     optimizer = build_optimizer(classifier, optimization)
     scheduler = build_scheduler(optimizer, optimization, num_steps)
     callbacks = []
     if validation is not None:
-        val_images, val_labels = validation[0], np.asarray(validation[1])
+        val_labels = np.asarray(validation[1])
+        val_pixels = [batch["pixel_values"] for batch in image_loader(processor, validation[0], 32, settings.num_workers)]
         every = max(1, math.ceil(epochs / math.ceil(settings.num_train_epochs)))
         callbacks.append(_KeepBestEpoch(lambda model: validation_score(
-            classifier_scores(model, processor, val_images, val_labels.ndim == 2, num_workers=settings.num_workers),
-            val_labels,
+            _probabilities(model, val_pixels, val_labels.ndim == 2), val_labels
         ), every, math.ceil(epochs)))  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="medclip-fine-tune-") as scratch:
         arguments = TrainingArguments(
@@ -164,11 +165,19 @@ def train_classifier(classifier, processor, images: Sequence, labels: np.ndarray
 def classifier_scores(classifier, processor, images: Sequence, multilabel: bool, batch_size: int = 32,
                       num_workers: int = 2, autocast: torch.dtype | None = None) -> np.ndarray:
     """`(N, C)` class probabilities (softmax, or sigmoid per class when multi-label) of `images`."""
+    batches = (batch["pixel_values"] for batch in image_loader(processor, images, batch_size, num_workers))
+    return _probabilities(classifier, batches, multilabel, autocast)
+
+
+@torch.no_grad()
+def _probabilities(classifier, batches: Iterable[torch.Tensor], multilabel: bool,
+                   autocast: torch.dtype | None = None) -> np.ndarray:
+    """`(N, C)` class probabilities of batches of pixel values (the validation images are decoded once per run)."""
     device = next(classifier.parameters()).device
     chunks = []
-    for batch in image_loader(processor, images, batch_size, num_workers):
+    for pixel_values in batches:
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            logits = classifier(pixel_values=batch["pixel_values"].to(device)).logits.float()
+            logits = classifier(pixel_values=pixel_values.to(device)).logits.float()
         chunks.append(logits.sigmoid() if multilabel else logits.softmax(dim=-1))
     return torch.cat(chunks).cpu().numpy()
 
