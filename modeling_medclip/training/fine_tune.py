@@ -134,7 +134,8 @@ def train_classifier(classifier, processor, images: Sequence, labels: np.ndarray
     callbacks = []
     if validation is not None:
         val_labels = np.asarray(validation[1])
-        val_pixels = [batch["pixel_values"] for batch in image_loader(processor, validation[0], 32, settings.num_workers)]
+        loader = image_loader(processor, validation[0], num_workers=settings.num_workers)
+        val_pixels = [batch["pixel_values"] for batch in loader]
         every = max(1, math.ceil(epochs / math.ceil(settings.num_train_epochs)))
         callbacks.append(_KeepBestEpoch(lambda model: validation_score(
             _probabilities(model, val_pixels, val_labels.ndim == 2), val_labels
